@@ -1,0 +1,160 @@
+"""The ``atlas`` command line: serve, init, check and an interactive client.
+
+Every failure a user can cause (a bad config, a busy port, an unreachable address) ends as one line on
+stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from atlas import __version__
+from atlas.config import Config, write_default_config
+from atlas.errors import ConfigError, StartupError
+from atlas.logs import configure_logging
+
+__all__ = ["main"]
+
+log = logging.getLogger("atlas")
+
+DEMO_PORTS = (8080, 8081, 8082)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atlas", description="Atlas: WebSocket proxy and load balancer for game servers."
+    )
+    parser.add_argument("--version", action="version", version=f"atlas {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", "-c", metavar="FILE", help="TOML config (default: embedded)")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="also start example game servers on 127.0.0.1:8080-8082 (a local demo cluster)",
+    )
+    serve.add_argument("--listen", metavar="HOST:PORT", help="override [proxy] listen")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["text", "json"])
+
+    init = commands.add_parser("init", help="write a complete default config file")
+    init.add_argument("path", nargs="?", default="atlas.toml", help="default: atlas.toml")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    check = commands.add_parser("check", help="validate a config file")
+    check.add_argument("path", metavar="FILE")
+
+    client = commands.add_parser("client", help="an interactive WebSocket client")
+    client.add_argument("url", nargs="?", default="ws://127.0.0.1:9000")
+    return parser
+
+
+def _error(message: str) -> int:
+    print(f"atlas: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = Config.from_file(args.config) if args.config else Config.default()
+    if args.listen:
+        try:
+            config = attrs.evolve(config, proxy=attrs.evolve(config.proxy, listen=args.listen))
+        except ValueError as exc:
+            raise ConfigError([f"--listen: {exc}"]) from None
+    return config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"atlas: config error: {line}", file=sys.stderr)
+        return 1
+    configure_logging(
+        args.log_level or config.logging.level, args.log_format or config.logging.format
+    )
+    try:
+        trio.run(_serve_async, config, args.demo)
+    except StartupError as exc:
+        return _error(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _serve_async(config: Config, demo: bool) -> None:
+    from atlas.supervisor import run_until_signalled
+
+    try:
+        async with trio.open_nursery() as nursery:
+            if demo:
+                from atlas.demo.servers import serve_demo_cluster
+
+                try:
+                    await nursery.start(serve_demo_cluster, "127.0.0.1", DEMO_PORTS)
+                except OSError as exc:
+                    raise StartupError(
+                        f"cannot start the demo cluster on 127.0.0.1:8080-8082: "
+                        f"{exc.strerror or exc}"
+                    ) from None
+                _print_demo_banner(config)
+            await run_until_signalled(config)
+            nursery.cancel_scope.cancel()
+    except* StartupError as group:
+        raise group.exceptions[0] from None
+
+
+def _print_demo_banner(config: Config) -> None:
+    address = config.proxy.listen_address
+    host = "127.0.0.1" if address.host in ("0.0.0.0", "::", "") else address.host
+    names = ", ".join(f"{s.name} ({s.url})" for s in config.servers)
+    print(
+        f"Atlas demo: proxy on {address} in front of {names}.\n"
+        f"Connect:  python -m atlas client ws://{host}:{address.port}\n"
+        f"Type a line to chat; /server names the game server you landed on. Ctrl-C stops.",
+        flush=True,
+    )
+
+
+def _init(args: argparse.Namespace) -> int:
+    try:
+        write_default_config(args.path, force=args.force)
+    except ConfigError as exc:
+        return _error(str(exc))
+    print(f"wrote {args.path}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        Config.from_file(args.path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+    print(f"ok: {args.path}")
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    from atlas.demo.client import run_client
+
+    try:
+        return trio.run(run_client, args.url)
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``atlas`` command line; returns the process exit status."""
+    args = _parser().parse_args(argv)
+    handlers = {"serve": _serve, "init": _init, "check": _check, "client": _client}
+    return handlers[args.command](args)

@@ -1,0 +1,391 @@
+"""The listener: accept clients, route each to a backend, and run its session until it ends.
+
+Theory of operation
+-------------------
+:func:`serve_proxy` opens the listening sockets and runs the *listener nursery*: the accept loops (in a
+cancel scope of their own, so accepting can stop while sessions carry on), one task per connected client,
+and the idle sweeper. Each client task runs :func:`handle_client`:
+
+1. read the client's upgrade request (h11), within ``handshake_timeout``;
+2. pick a backend with the pool's balancer and open Atlas's own WebSocket to it, trying up to
+   ``connect_attempts`` distinct backends, each within ``connect_timeout``; nothing available answers
+   503 with ``Retry-After``, all attempts failing answers 502;
+3. answer the client's upgrade with 101 and the backend's chosen subprotocol;
+4. run the :class:`~atlas.proxy.session.ClientSession` relay until either side closes.
+
+Every failure of one client is caught in its own task and logged; the accept loop never sees it.
+Shutdown (the ``shutdown`` event) stops accepting, asks every session to close with 1001, waits up to
+``drain_timeout`` for them to finish, then cancels whatever is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import attrs
+import h11
+import trio
+
+from atlas.errors import HandshakeError, StartupError
+from atlas.proxy.clients import ClientRegistry
+from atlas.proxy.frames import CloseCode, FrameScanner
+from atlas.proxy.handshake import (
+    BackendHandshake,
+    UpgradeRequest,
+    accept_response,
+    backend_request_headers,
+    open_backend,
+    receive_upgrade,
+    reject_response,
+)
+from atlas.proxy.session import BackendLink, ClientSession
+
+if TYPE_CHECKING:
+    from atlas.config import ProxyConfig
+    from atlas.pool import Backend, BackendPool
+
+__all__ = ["ProxyListening", "ProxyRuntime", "handle_client", "serve_proxy"]
+
+log = logging.getLogger("atlas.proxy")
+
+
+@attrs.define(eq=False)
+class ProxyRuntime:
+    """What the data plane shares: settings, the backend pool and the client directory."""
+
+    config: ProxyConfig
+    pool: BackendPool
+    clients: ClientRegistry = attrs.field(factory=ClientRegistry)
+    backend_ssl: ssl.SSLContext | None = None
+    accepting: bool = True
+
+
+@attrs.frozen
+class ProxyListening:
+    """Reported by :func:`serve_proxy` once it accepts: the bound ``(host, port)`` addresses."""
+
+    addresses: tuple[tuple[str, int], ...]
+
+    @property
+    def port(self) -> int:
+        """The bound port (the same on every address)."""
+        return self.addresses[0][1]
+
+
+def _peer(stream: trio.SocketStream) -> tuple[str, str]:
+    """``(ip, "ip:port")`` of the client, ``[v6]:port`` for IPv6."""
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "unknown", "unknown"
+    host, port = address[0], address[1]
+    text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host, text
+
+
+async def _refuse(
+    stream: trio.abc.Stream, conn: h11.Connection | None, exc: HandshakeError, retry_after: int
+) -> None:
+    data = reject_response(
+        conn, exc.status, exc.reason, retry_after=retry_after if exc.status == 503 else None
+    )
+    with trio.move_on_after(1):
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def _connect_backend(
+    runtime: ProxyRuntime,
+    request: UpgradeRequest,
+    *,
+    client_ip: str,
+    client_id: str,
+) -> tuple[Backend, BackendLink]:
+    """Open a link to the best available backend, trying others within the attempt budget.
+
+    The chosen backend is acquired in the pool (its connection count includes this client); the caller
+    releases it when the client leaves. Raises :class:`HandshakeError` 503 or 502.
+    """
+    config = runtime.config
+    pool = runtime.pool
+    tried: set[str] = set()
+    last_error = "no backend available"
+    for _ in range(config.connect_attempts):
+        backend = pool.choose(exclude=tried)
+        if backend is None:
+            break
+        tried.add(backend.name)
+        pool.acquire(backend)
+        try:
+            link = await _open_link(runtime, backend, request, client_ip, client_id)
+        except HandshakeError as exc:
+            pool.release(backend)
+            last_error = f"{backend.name}: {exc.reason}"
+            log.warning("backend %s failed for client %s: %s", backend.name, client_id, exc.reason)
+            continue
+        except BaseException:
+            pool.release(backend)
+            raise
+        return backend, link
+    if not tried:
+        raise HandshakeError(503, "no game server can take a new player right now")
+    raise HandshakeError(502, f"no game server answered ({last_error})")
+
+
+async def _open_link(
+    runtime: ProxyRuntime,
+    backend: Backend,
+    request: UpgradeRequest,
+    client_ip: str,
+    client_id: str,
+) -> BackendLink:
+    """Open one backend link within ``connect_timeout``; raise :class:`HandshakeError` on failure."""
+    config = runtime.config
+    headers = backend_request_headers(
+            request,
+            host=backend.host,
+            port=backend.port,
+            secure=backend.secure,
+            client_ip=client_ip,
+            client_id=client_id,
+            client_secure=False,
+        )
+    target = _backend_target(backend.path, request.target)
+    shake: BackendHandshake | None = None
+    with trio.move_on_after(config.connect_timeout):
+        shake = await open_backend(
+            backend.host,
+            backend.port,
+            target,
+            headers,
+            ssl_context=_backend_ssl(runtime) if backend.secure else None,
+        )
+    if shake is None:
+        raise HandshakeError(502, "connect timed out")
+    if shake.subprotocol is not None and shake.subprotocol not in request.subprotocols:
+        await trio.aclose_forcefully(shake.stream)
+        raise HandshakeError(502, "chose a subprotocol the client did not offer")
+    scanner = FrameScanner(
+        masked=False,
+        max_message_size=config.max_message_size,
+        validate_utf8=config.validate_utf8,
+    )
+    stream: trio.abc.Stream = shake.stream
+    if shake.trailing:
+        # The backend spoke first, right behind its 101: keep those frames for the relay.
+        stream = _Prepended(shake.stream, shake.trailing)
+    return BackendLink(backend=backend, stream=stream, scanner=scanner, subprotocol=shake.subprotocol)
+
+
+def _backend_target(base: str, client_target: bytes) -> bytes:
+    """Join the backend URL's path prefix with the client's path and query."""
+    if base in ("", "/"):
+        return client_target
+    return base.rstrip("/").encode("utf-8") + client_target
+
+
+def _backend_ssl(runtime: ProxyRuntime) -> ssl.SSLContext:
+    if runtime.backend_ssl is None:
+        runtime.backend_ssl = ssl.create_default_context()
+    return runtime.backend_ssl
+
+
+class _Prepended(trio.abc.Stream):
+    """A stream that first yields some already-received bytes, then reads its inner stream."""
+
+    def __init__(self, inner: trio.abc.Stream, head: bytes) -> None:
+        self._inner = inner
+        self._head = head
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._head:
+            head, self._head = self._head, b""
+            await trio.lowlevel.checkpoint()
+            return head
+        return await self._inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def handle_client(runtime: ProxyRuntime, stream: trio.SocketStream) -> None:
+    """Serve one accepted connection from its upgrade request to its last byte."""
+    config = runtime.config
+    clients = runtime.clients
+    client_ip, peer = _peer(stream)
+    client_id = clients.new_id()
+    started = trio.current_time()
+    conn: h11.Connection | None = None
+    try:
+        with trio.fail_after(config.handshake_timeout):
+            request, conn = await receive_upgrade(stream)
+            if not runtime.accepting:
+                raise HandshakeError(503, "Atlas is shutting down")
+            if len(clients) >= config.max_connections:
+                raise HandshakeError(503, "too many connections")
+            backend, link = await _connect_backend(
+                runtime, request, client_ip=client_ip, client_id=client_id
+            )
+            try:
+                response, pending = accept_response(conn, request, subprotocol=link.subprotocol)
+                await stream.send_all(response)
+            except BaseException:
+                runtime.pool.release(backend)
+                await trio.aclose_forcefully(link.stream)
+                raise
+    except HandshakeError as exc:
+        if exc.status:
+            clients.refused_total += 1
+            log.info("client %s from %s refused: %d %s", client_id, peer, exc.status, exc.reason)
+            await _refuse(stream, conn, exc, config.retry_after)
+        await trio.aclose_forcefully(stream)
+        return
+    except trio.TooSlowError:
+        clients.refused_total += 1
+        log.info("client %s from %s: handshake timed out", client_id, peer)
+        if conn is not None and conn.our_state is h11.SEND_RESPONSE:
+            await _refuse(stream, conn, HandshakeError(504, "handshake timed out"), 0)
+        await trio.aclose_forcefully(stream)
+        return
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await trio.aclose_forcefully(stream)
+        return
+
+    session = ClientSession(
+        client_id=client_id,
+        peer=peer,
+        client_stream=stream,
+        link=link,
+        max_message_size=config.max_message_size,
+        validate_utf8=config.validate_utf8,
+        close_timeout=config.close_timeout,
+        pending=pending,
+    )
+    clients.add(session)
+    log.info(
+        "client %s connected from %s -> %s (handshake %.1f ms)",
+        client_id,
+        peer,
+        backend.name,
+        (trio.current_time() - started) * 1000,
+        extra={"client": client_id, "peer": peer, "server": backend.name, "event": "connect"},
+    )
+    try:
+        ending = await session.run()
+    finally:
+        clients.discard(client_id)
+        runtime.pool.release(session.link.backend)
+    log.info(
+        "client %s disconnected from %s: %s %d %s (messages %d up / %d down)",
+        client_id,
+        session.link.backend.name,
+        ending.kind.value,
+        ending.code,
+        ending.reason,
+        session.messages_up,
+        session.messages_down,
+        extra={"client": client_id, "server": session.link.backend.name, "event": "disconnect"},
+    )
+
+
+async def _sweep_idle(runtime: ProxyRuntime) -> None:
+    """Close sessions that moved no byte either way for ``idle_timeout`` seconds.
+
+    One task for all sessions, comparing activity counters between sweeps: the relay pays nothing.
+    """
+    timeout = runtime.config.idle_timeout
+    if timeout <= 0:
+        return
+    period = min(timeout / 4, 5.0)
+    last: dict[str, tuple[int, float]] = {}
+    while True:
+        await trio.sleep(period)
+        now = trio.current_time()
+        seen: dict[str, tuple[int, float]] = {}
+        for session in runtime.clients:
+            activity = session.activity()
+            previous = last.get(session.client_id)
+            since = previous[1] if previous is not None and previous[0] == activity else now
+            if now - since >= timeout:
+                session.close(CloseCode.GOING_AWAY, "idle timeout")
+            seen[session.client_id] = (activity, since)
+        last = seen
+
+
+async def serve_proxy(
+    runtime: ProxyRuntime,
+    *,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[ProxyListening] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept and relay clients until ``shutdown`` is set, then drain and return.
+
+    Reports :class:`ProxyListening` once the sockets accept. Raises :class:`StartupError` (one line)
+    when the listen address cannot be bound.
+    """
+    address = runtime.config.listen_address
+    try:
+        listeners = await trio.open_tcp_listeners(address.port, host=address.host or None)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise StartupError(f"cannot listen on {address}: {reason}") from None
+    bound = tuple(
+        (str(lst.socket.getsockname()[0]), int(lst.socket.getsockname()[1])) for lst in listeners
+    )
+
+    def handler_for(nursery: trio.Nursery) -> Callable[[trio.SocketStream], object]:
+        async def guarded(stream: trio.SocketStream) -> None:
+            try:
+                await handle_client(runtime, stream)
+            except Exception:
+                # One client's bug must never take the listener down.
+                log.exception("unexpected error in a client session")
+                await trio.aclose_forcefully(stream)
+
+        return guarded
+
+    async with trio.open_nursery() as listener_nursery:
+        accept_scope = trio.CancelScope()
+
+        async def accept_loops() -> None:
+            with accept_scope:
+                await trio.serve_listeners(
+                    handler_for(listener_nursery), listeners, handler_nursery=listener_nursery
+                )
+
+        listener_nursery.start_soon(accept_loops)
+        listener_nursery.start_soon(_sweep_idle, runtime)
+        log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
+        task_status.started(ProxyListening(bound))
+        await shutdown.wait()
+        runtime.accepting = False
+        accept_scope.cancel()
+        await _drain(runtime)
+        listener_nursery.cancel_scope.cancel()
+
+
+async def _drain(runtime: ProxyRuntime) -> None:
+    """Ask every session to close with 1001 and wait up to ``drain_timeout`` for them to finish."""
+    sessions = list(runtime.clients)
+    log.info("draining %d client(s), deadline %.1f s", len(sessions), runtime.config.drain_timeout)
+    for session in sessions:
+        session.close(CloseCode.GOING_AWAY, "server shutting down")
+    with trio.move_on_after(runtime.config.drain_timeout):
+        await runtime.clients.wait_empty()
+    left = len(runtime.clients)
+    if left:
+        log.warning("drain deadline passed with %d client(s) left; cancelling them", left)

@@ -1,0 +1,346 @@
+"""One client's session: the frame-level relay between the client and its backend link.
+
+Theory of operation
+-------------------
+After both handshakes, a :class:`ClientSession` runs two pump tasks in a nursery it owns:
+
+* *up*: client stream -> :class:`FrameScanner` (masked frames) -> backend link stream;
+* *down*: backend link stream -> :class:`FrameScanner` (unmasked frames) -> client stream.
+
+A pump moves whole chunks: one ``receive_some`` may carry many frames and they leave with one ``send_all``.
+The scanners validate and delimit frames but never copy a chunk of complete frames (frames/_scanner doc).
+
+The closing handshake is relayed, not performed: a Close frame from one side is forwarded to the other and
+that pump stops; the other pump keeps relaying until the answering Close passes, then both streams close
+(Atlas, as the server of the client, closes first). Anything else that ends a session, a peer that broke
+the protocol, a peer that vanished, a close requested from outside (drain, idle timeout, an operator), is
+recorded as the session's :class:`Ending` and the relay scope is cancelled; :meth:`ClientSession._finish`
+then sends Atlas's own Close frames where a frame boundary allows it, waits a bounded time for the
+answers, and closes both streams. A pump cancelled half-way through ``send_all`` marks that direction
+dirty: no frame is injected into a stream that may hold half a frame; that side is just disconnected.
+
+Nothing here logs per message; counters are plain integers read by the ops plane.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import trio
+
+from atlas.proxy.frames import CloseCode, FrameScanner, ScanState, build_close
+
+if TYPE_CHECKING:
+    from atlas.pool import Backend
+
+__all__ = ["BackendLink", "ClientSession", "Ending", "EndKind"]
+
+log = logging.getLogger("atlas.proxy")
+
+_RECEIVE_SIZE: Final = 64 * 1024
+
+
+class EndKind(enum.Enum):
+    """Why a relay stopped."""
+
+    CLEAN = "clean"
+    """Both Close frames were relayed."""
+    CLOSE_TIMEOUT = "close_timeout"
+    """One side sent Close and the other did not answer in time."""
+    CLIENT_GONE = "client_gone"
+    """The client's stream ended or broke without a Close frame."""
+    BACKEND_GONE = "backend_gone"
+    """The backend's stream ended or broke without a Close frame."""
+    CLIENT_ERROR = "client_error"
+    """The client broke RFC 6455."""
+    BACKEND_ERROR = "backend_error"
+    """The backend broke RFC 6455."""
+    REQUESTED = "requested"
+    """Atlas closed the session (drain, idle timeout, an operator)."""
+
+
+@attrs.frozen
+class Ending:
+    """How a session ended: a kind, the close code that matters, and a human reason."""
+
+    kind: EndKind
+    code: int
+    reason: str
+
+
+@attrs.define(eq=False)
+class BackendLink:
+    """A client's WebSocket connection to one backend, and the scanner of what that backend sends."""
+
+    backend: Backend
+    stream: trio.abc.Stream
+    scanner: FrameScanner
+    subprotocol: str | None = None
+
+
+class ClientSession:
+    """One client connection relayed to its current backend link.
+
+    The owner (the listener's connection handler) creates the session after both handshakes, calls
+    :meth:`run` in the client's task and releases the backend when it returns. :meth:`close` may be called
+    from any task to end the session with a close code (drain, idle timeout, admin).
+    """
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        peer: str,
+        client_stream: trio.abc.Stream,
+        link: BackendLink,
+        max_message_size: int,
+        validate_utf8: bool,
+        close_timeout: float,
+        pending: bytes = b"",
+    ) -> None:
+        self.client_id = client_id
+        self.peer = peer
+        self.connected_at = time.time()
+        self.client_stream = client_stream
+        self.link = link
+        self.close_timeout = close_timeout
+        self.up = FrameScanner(
+            masked=True, max_message_size=max_message_size, validate_utf8=validate_utf8
+        )
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.ending: Ending | None = None
+        self._pending = pending
+        self._relay_scope = trio.CancelScope()
+        self._up_dirty = False
+        self._down_dirty = False
+        # Whether a Close frame (relayed, or Atlas's own) has gone out to each side.
+        self._closed_to_backend = False
+        self._closed_to_client = False
+        # A client protocol error waiting for the backend's answer to our Close (see _forward_up).
+        self._client_error: Ending | None = None
+
+    # -- counters read by the ops plane ------------------------------------------------------------
+
+    @property
+    def messages_up(self) -> int:
+        """Complete messages relayed from the client."""
+        return self.up.messages
+
+    @property
+    def messages_down(self) -> int:
+        """Complete messages relayed to the client."""
+        return self.link.scanner.messages
+
+    def activity(self) -> int:
+        """A number that changes whenever bytes move either way (the idle sweeper compares it)."""
+        return self.bytes_up + self.bytes_down
+
+    # -- control -----------------------------------------------------------------------------------
+
+    def close(self, code: int, reason: str) -> None:
+        """End the session: Close ``code``/``reason`` to the client, 1001 to the backend."""
+        self._end(Ending(EndKind.REQUESTED, code, reason))
+
+    def _end(self, ending: Ending) -> None:
+        if self.ending is None:
+            self.ending = self._client_error or ending
+        self._relay_scope.cancel()
+
+    async def run(self) -> Ending:
+        """Relay until the session ends, close both streams, and return how it ended."""
+        try:
+            with self._relay_scope:
+                if self._pending:
+                    # Frame bytes the client sent right behind its upgrade request.
+                    await self._forward_up(self._pending)
+                if self.ending is None:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._pump_up)
+                        nursery.start_soon(self._pump_down)
+            if self.ending is None:
+                # The close-handshake deadline ran out.
+                self.ending = self._client_error or Ending(
+                    EndKind.CLOSE_TIMEOUT, CloseCode.ABNORMAL, "close timed out"
+                )
+            await self._finish(self.ending)
+        finally:
+            await trio.aclose_forcefully(self.client_stream)
+            await trio.aclose_forcefully(self.link.stream)
+        return self.ending
+
+    # -- the pumps ---------------------------------------------------------------------------------
+
+    async def _pump_up(self) -> None:
+        receive = self.client_stream.receive_some
+        while True:
+            try:
+                data = await receive(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
+                return
+            if not await self._forward_up(data):
+                return
+
+    async def _forward_up(self, data: bytes) -> bool:
+        """Scan and forward client bytes; return False once the up direction is finished."""
+        self.bytes_up += len(data)
+        scanner = self.up
+        out = scanner.feed(data)
+        if out:
+            self._up_dirty = True
+            try:
+                await self.link.stream.send_all(out)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._end(Ending(EndKind.BACKEND_GONE, CloseCode.INTERNAL_ERROR, "backend went away"))
+                return False
+            self._up_dirty = False
+        if not scanner.state:
+            return True
+        if scanner.state is ScanState.CLOSED:
+            self._closed_to_backend = True
+            self._close_relayed()
+            return False
+        assert scanner.error is not None
+        error = Ending(EndKind.CLIENT_ERROR, scanner.error.code, scanner.error.reason)
+        if not scanner.at_frame_boundary:
+            self._end(error)
+            return False
+        # Everything before the bad frame reached the backend: let its answers reach the client before
+        # Atlas's own Close does. The down pump ends the session at the backend's Close. (Set before
+        # the send: the answer may be relayed before this task runs again.)
+        self._client_error = error
+        self._closed_to_backend = True
+        self._set_close_deadline()
+        if not await self._send_close(
+            self.link.stream, False, scanner, (CloseCode.GOING_AWAY, "client error"), mask=True
+        ):
+            self._end(error)
+        return False
+
+    async def _pump_down(self) -> None:
+        link = self.link
+        receive = link.stream.receive_some
+        scanner = link.scanner
+        send_all = self.client_stream.send_all
+        while True:
+            try:
+                data = await receive(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self._end(Ending(EndKind.BACKEND_GONE, CloseCode.INTERNAL_ERROR, "backend went away"))
+                return
+            self.bytes_down += len(data)
+            out = scanner.feed(data)
+            if self._client_error is not None and scanner.state is ScanState.CLOSED:
+                # The backend answered our Close: forward what came before it, then fail the client.
+                out = out[: len(out) - scanner.close_frame_size]
+            if out:
+                self._down_dirty = True
+                try:
+                    await send_all(out)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
+                    return
+                self._down_dirty = False
+            if scanner.state:
+                if self._client_error is not None:
+                    self._end(self._client_error)
+                elif scanner.state is ScanState.CLOSED:
+                    self._closed_to_client = True
+                    self._close_relayed()
+                else:
+                    assert scanner.error is not None
+                    self._end(
+                        Ending(EndKind.BACKEND_ERROR, scanner.error.code, scanner.error.reason)
+                    )
+                return
+
+    def _close_relayed(self) -> None:
+        """A Close frame passed one way: finish when both have, else give the other side a deadline."""
+        if self._closed_to_backend and self._closed_to_client:
+            code = self.up.close_code if self.up.close_code else self.link.scanner.close_code
+            self._end(Ending(EndKind.CLEAN, code, self.up.close_reason))
+        else:
+            self._set_close_deadline()
+
+    def _set_close_deadline(self) -> None:
+        self._relay_scope.deadline = min(
+            self._relay_scope.deadline, trio.current_time() + self.close_timeout
+        )
+
+    # -- closing -----------------------------------------------------------------------------------
+
+    async def _finish(self, ending: Ending) -> None:
+        """Send Atlas's own Close frames where needed and wait (bounded) for the answers."""
+        kind = ending.kind
+        if kind is EndKind.CLEAN:
+            return
+        to_client: tuple[int, str] | None = None
+        to_backend: tuple[int, str] | None = None
+        if kind is EndKind.CLIENT_ERROR:
+            to_client = (ending.code, ending.reason)
+            to_backend = (CloseCode.GOING_AWAY, "client closed")
+        elif kind is EndKind.BACKEND_ERROR:
+            to_backend = (ending.code, ending.reason)
+            to_client = (CloseCode.INTERNAL_ERROR, "backend error")
+        elif kind is EndKind.BACKEND_GONE:
+            to_client = (CloseCode.INTERNAL_ERROR, "backend went away")
+        elif kind is EndKind.CLIENT_GONE:
+            to_backend = (CloseCode.GOING_AWAY, "client went away")
+        elif kind is EndKind.CLOSE_TIMEOUT:
+            if self._closed_to_backend and not self._closed_to_client:
+                # The backend never answered the client's Close: answer it ourselves.
+                to_client = (self.up.close_code or CloseCode.NORMAL, "")
+        elif kind is EndKind.REQUESTED:
+            to_client = (ending.code, ending.reason)
+            to_backend = (CloseCode.GOING_AWAY, "client closed by Atlas")
+        with trio.move_on_after(self.close_timeout):
+            wait_client = False
+            if to_client and not self._closed_to_client:
+                wait_client = await self._send_close(
+                    self.client_stream, self._down_dirty, self.link.scanner, to_client, mask=False
+                )
+            if to_backend and not self._closed_to_backend:
+                await self._send_close(
+                    self.link.stream, self._up_dirty, self.up, to_backend, mask=True
+                )
+            if wait_client and self.up.state is ScanState.OPEN:
+                await self._await_close(self.client_stream, self.up)
+
+    async def _send_close(
+        self,
+        stream: trio.abc.Stream,
+        dirty: bool,
+        scanner: FrameScanner,
+        close: tuple[int, str],
+        *,
+        mask: bool,
+    ) -> bool:
+        """Send a Close frame if the stream sits at a frame boundary; return whether it was sent."""
+        if dirty or not scanner.at_frame_boundary:
+            return False
+        try:
+            await stream.send_all(build_close(close[0], close[1], mask=mask))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    @staticmethod
+    async def _await_close(stream: trio.abc.Stream, scanner: FrameScanner) -> None:
+        """Read (and drop) what a peer still sends until its Close frame or EOF."""
+        while scanner.state is ScanState.OPEN:
+            try:
+                data = await stream.receive_some(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            scanner.feed(data)

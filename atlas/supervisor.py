@@ -1,0 +1,109 @@
+"""The supervisor: one root nursery per process that owns every long-lived part of Atlas.
+
+The tree (docs/architecture.md draws it)::
+
+    root nursery (serve_atlas)
+     └─ listener nursery (serve_proxy): accept loops, one task per client session, idle sweeper
+
+Later parts (health checks, the transfer coordinator, the ops server, control channels) join the root
+nursery as siblings of the listener. Shutdown is a drain followed by one cancellation of the root scope:
+the ``shutdown`` event makes the listener stop accepting and close its clients with 1001 within
+``drain_timeout``; when it returns, the root scope is cancelled and everything else stops with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import attrs
+import trio
+
+from atlas.config import Config
+from atlas.errors import StartupError
+from atlas.pool import Backend, BackendPool, make_balancer
+from atlas.proxy.listener import ProxyListening, ProxyRuntime, serve_proxy
+
+__all__ = ["AtlasStarted", "build_runtime", "run_until_signalled", "serve_atlas"]
+
+log = logging.getLogger("atlas")
+
+
+@attrs.frozen
+class AtlasStarted:
+    """What :func:`serve_atlas` reports once Atlas accepts clients."""
+
+    proxy: ProxyListening
+    runtime: ProxyRuntime
+
+
+def build_runtime(config: Config) -> ProxyRuntime:
+    """The data plane's shared state for ``config``: the backend pool with the static servers."""
+    pool = BackendPool(make_balancer(config.balancer.algorithm))
+    for server in config.servers:
+        try:
+            backend = Backend.from_url(
+                server.name,
+                server.url,
+                capacity=server.capacity,
+                weight=server.weight,
+                tags=server.tags,
+            )
+        except ValueError as exc:  # config validation makes this unreachable; keep the message
+            raise StartupError(f"servers: {server.name}: {exc}") from None
+        pool.add(backend)
+    return ProxyRuntime(config=config.proxy, pool=pool)
+
+
+async def serve_atlas(
+    config: Config,
+    *,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[AtlasStarted] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run Atlas on ``config`` until ``shutdown`` is set (then drain) or the caller cancels.
+
+    Reports :class:`AtlasStarted` once clients are accepted. Raises :class:`StartupError` when a part
+    cannot start (the listen address is in use, ...).
+    """
+    shutdown = shutdown if shutdown is not None else trio.Event()
+    runtime = build_runtime(config)
+    async with trio.open_nursery() as root:
+        listening: ProxyListening = await root.start(
+            lambda task_status: serve_proxy(runtime, shutdown=shutdown, task_status=task_status)
+        )
+        task_status.started(AtlasStarted(proxy=listening, runtime=runtime))
+        await shutdown.wait()
+        # serve_proxy drains and returns on its own; wait for it, then stop everything else.
+        await _wait_children_but(root, count=0)
+
+
+async def _wait_children_but(nursery: trio.Nursery, *, count: int) -> None:
+    """Wait until ``nursery`` has at most ``count`` children besides the caller, then cancel it."""
+    while len(nursery.child_tasks) > count:
+        await trio.sleep(0.01)
+    nursery.cancel_scope.cancel()
+
+
+async def run_until_signalled(config: Config) -> None:
+    """Run Atlas until SIGINT or SIGTERM; the first signal drains, a second one stops at once."""
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            nursery.start_soon(_watch_signals, signals, shutdown, nursery.cancel_scope)
+            await serve_atlas(config, shutdown=shutdown)
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(
+    signals: trio.abc.ReceiveChannel[int], shutdown: trio.Event, scope: trio.CancelScope
+) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if not shutdown.is_set():
+            log.info("%s received: draining (send it again to stop at once)", name)
+            shutdown.set()
+        else:
+            log.warning("%s received again: stopping now", name)
+            scope.cancel()
+            return
