@@ -1,0 +1,709 @@
+"""Atlas's configuration: frozen records, read from and written to TOML.
+
+Design:
+
+- The records (`Config` and its tables) are frozen attrs classes whose validators hold every
+  invariant, so a value built in code is as checked as one read from a file. They know nothing
+  about TOML.
+- One private cattrs converter (``_converter``) turns the dict from stdlib `tomllib` into those
+  records and back (tomli-w writes). Its hooks are strict: no ``"5"`` for an integer, no
+  ``"false"`` for a boolean, no string where an array belongs; unknown keys are rejected.
+- Each field is structured *and validated* on its own, so cattrs' detailed validation collects
+  every problem of a file in one pass. The exception tree is then flattened into ``path: reason``
+  lines (``servers[2].url: not a ws:// or wss:// URL``) raised as one `atlas.errors.ConfigError`:
+  no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable
+from datetime import date, datetime, time
+from typing import Any, Literal, get_args, get_origin
+
+import attrs
+import cattrs
+import cattrs.gen
+import tomli_w
+from cattrs.errors import (
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
+from cattrs.preconf.tomllib import make_converter
+
+from atlas.errors import ConfigError
+
+__all__ = [
+    "Algorithm",
+    "BalancerConfig",
+    "Config",
+    "ListenAddress",
+    "LogFormat",
+    "LogLevel",
+    "LoggingConfig",
+    "ProxyConfig",
+    "ServerConfig",
+    "WsUrl",
+    "parse_ws_url",
+    "write_default_config",
+]
+
+Algorithm = Literal[
+    "least_connections", "round_robin", "random", "weighted_round_robin", "power_of_two"
+]
+"""The load-balancing algorithms `BalancerConfig.algorithm` accepts."""
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+"""The log levels `LoggingConfig.level` accepts."""
+
+LogFormat = Literal["text", "json"]
+"""The log formats `LoggingConfig.format` accepts."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Addresses and URLs
+# ------------------------------------------------------------------------------------------------
+
+_HOSTNAME_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_HOSTNAME_LABEL}(?:\.{_HOSTNAME_LABEL})*")
+_MAX_PORT = 65535
+
+
+def _check_host(host: str) -> None:
+    """Raise `ValueError` unless *host* is an IPv4 or IPv6 address or a DNS name (no brackets)."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv6 address {host!r}") from None
+        return
+    if len(host) > 253 or not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"invalid host {host!r}")
+    if host.replace(".", "").isdigit():
+        # All-numeric names are IPv4 addresses, and must be valid ones ("999.1.1.1" is not).
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv4 address {host!r}") from None
+
+
+def _split_host_port(text: str) -> tuple[str, str | None] | None:
+    """Split ``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` into host and port text.
+
+    The port is None when absent. Returns None when the shape is wrong (an unbracketed IPv6
+    address, text after a closing bracket that is not ``:port``).
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        if end == -1:
+            return None
+        host, rest = text[1:end], text[end + 1 :]
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            return None
+        return host, rest[1:]
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        return text, None
+    if ":" in host:
+        return None
+    return host, port
+
+
+def _parse_port(text: str, *, minimum: int) -> int:
+    """Parse a decimal port in ``minimum..65535``; raise `ValueError` with a reason otherwise."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"port must be a number, got {text!r}")
+    port = int(text)
+    if not minimum <= port <= _MAX_PORT:
+        raise ValueError(f"port must be {minimum}..{_MAX_PORT}, got {port}")
+    return port
+
+
+def _validate_url_port(_instance: object, _attribute: attrs.Attribute[int], port: int) -> None:
+    if not 1 <= port <= _MAX_PORT:
+        raise ValueError(f"port must be 1..{_MAX_PORT}, got {port}")
+
+
+def _validate_resource(_instance: object, _attribute: attrs.Attribute[str], resource: str) -> None:
+    if not resource.startswith("/"):
+        raise ValueError(f"resource must start with '/', got {resource!r}")
+
+
+def _format_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _validate_host(_instance: object, _attribute: attrs.Attribute[str], host: str) -> None:
+    _check_host(host)
+
+
+def _validate_listen_port(_instance: object, _attribute: attrs.Attribute[int], port: int) -> None:
+    if not 0 <= port <= _MAX_PORT:
+        raise ValueError(f"port must be 0..{_MAX_PORT}, got {port}")
+
+
+@attrs.frozen
+class ListenAddress:
+    """An address to listen on: a host (name, IPv4 or IPv6 address) and a TCP port.
+
+    Port 0 asks the OS for a free port. ``0.0.0.0`` and ``::`` mean every interface.
+    """
+
+    host: str = attrs.field(validator=_validate_host)
+    """Host name or address; an IPv6 address is stored without brackets (``::1``)."""
+    port: int = attrs.field(validator=_validate_listen_port)
+    """TCP port, 0..65535."""
+
+    @classmethod
+    def parse(cls, text: str) -> ListenAddress:
+        """Parse ``host:port`` (``[v6]:port`` for IPv6), like ``0.0.0.0:9000`` or ``[::1]:9000``.
+
+        Raises `ValueError` whose message is a readable reason, such as
+        ``expected host:port, got '9000'``.
+        """
+        parts = _split_host_port(text)
+        if parts is None and text.count(":") > 1 and not text.startswith("["):
+            raise ValueError(f"expected host:port, got {text!r} (write IPv6 as [addr]:port)")
+        host, port_text = parts or ("", None)
+        if not host or port_text is None:
+            raise ValueError(f"expected host:port, got {text!r}")
+        port = _parse_port(port_text, minimum=0)
+        _check_host(host)
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        return _format_host_port(self.host, self.port)
+
+
+_DEFAULT_PORTS = {False: 80, True: 443}
+
+
+@attrs.frozen
+class WsUrl:
+    """A parsed ``ws://`` or ``wss://`` URL: what is needed to open a WebSocket to a backend.
+
+    ``ws://127.0.0.1:8080`` parses to
+    ``WsUrl(secure=False, host="127.0.0.1", port=8080, resource="/")``.
+    """
+
+    secure: bool
+    """True for ``wss://`` (TLS), False for ``ws://``."""
+    host: str = attrs.field(validator=_validate_host)
+    """Host name or address; an IPv6 address is stored without brackets."""
+    port: int = attrs.field(validator=_validate_url_port)
+    """TCP port; 80 for ``ws://`` and 443 for ``wss://`` when the URL has none."""
+    resource: str = attrs.field(validator=_validate_resource)
+    """Path plus ``?query``, at least ``/`` (RFC 6455 "resource name", as in trio-websocket)."""
+
+    @classmethod
+    def parse(cls, url: str) -> WsUrl:
+        """Parse a WebSocket URL; raise `ValueError` with a readable reason if it is not one.
+
+        Rules: the scheme is ``ws`` or ``wss`` (any case), a host is required, the port is optional
+        (1..65535), user info and fragments are refused (RFC 6455 3), the path and query are kept as
+        written.
+        """
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme.lower() not in ("ws", "wss"):
+            raise ValueError("not a ws:// or wss:// URL")
+        if any(ch.isspace() or not ch.isprintable() for ch in url):
+            raise ValueError("must not contain spaces or control characters")
+        if "#" in rest:
+            raise ValueError("must not contain a fragment (#...)")
+        secure = scheme.lower() == "wss"
+        ends = [i for i in (rest.find("/"), rest.find("?")) if i != -1]
+        netloc_end = min(ends, default=len(rest))
+        netloc, resource = rest[:netloc_end], rest[netloc_end:]
+        if "@" in netloc:
+            raise ValueError("must not contain user info (user@host)")
+        parts = _split_host_port(netloc)
+        if parts is None:
+            raise ValueError(f"invalid host and port {netloc!r} (write IPv6 as [addr])")
+        host, port_text = parts
+        if not host:
+            raise ValueError("missing host")
+        _check_host(host)
+        port = _DEFAULT_PORTS[secure] if port_text is None else _parse_port(port_text, minimum=1)
+        if not resource.startswith("/"):
+            resource = "/" + resource
+        return cls(secure, host, port, resource)
+
+    @property
+    def scheme(self) -> str:
+        """``wss`` or ``ws``."""
+        return "wss" if self.secure else "ws"
+
+    @property
+    def host_header(self) -> str:
+        """The ``Host`` header: host (bracketed if IPv6), plus ``:port`` unless the default."""
+        if self.port == _DEFAULT_PORTS[self.secure]:
+            return f"[{self.host}]" if ":" in self.host else self.host
+        return _format_host_port(self.host, self.port)
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host_header}{self.resource}"
+
+
+def parse_ws_url(url: str) -> WsUrl:
+    """Parse a ``ws://`` or ``wss://`` URL; see `WsUrl.parse`. Raises `ValueError` with a reason."""
+    return WsUrl.parse(url)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validators. They check one field and never read the instance: the converter runs them per field
+# while structuring (instance None), so a file's mistakes are reported together.
+# ------------------------------------------------------------------------------------------------
+
+
+class _ElementErrors(ValueError):
+    """Problems found inside a collection field, each at a sub-path such as ``[1].name``."""
+
+    def __init__(self, field: str, problems: list[tuple[str, str]]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(f"{field}{sub}: {reason}" for sub, reason in self.problems))
+
+
+def _at_least(minimum: int) -> Callable[[object, attrs.Attribute[int], int], None]:
+    def validate(_instance: object, _attribute: attrs.Attribute[int], value: int) -> None:
+        if value < minimum:
+            raise ValueError(f"must be >= {minimum}, got {value}")
+
+    return validate
+
+
+def _seconds(*, allow_zero: bool) -> Callable[[object, attrs.Attribute[float], float], None]:
+    def validate(_instance: object, _attribute: attrs.Attribute[float], value: float) -> None:
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number of seconds, got {value}")
+        if allow_zero and value < 0:
+            raise ValueError(f"must be >= 0, got {value}")
+        if not allow_zero and value <= 0:
+            raise ValueError(f"must be > 0, got {value}")
+
+    return validate
+
+
+def _one_of(literal: Any) -> Callable[[object, attrs.Attribute[str], str], None]:
+    choices: tuple[str, ...] = get_args(literal)
+
+    def validate(_instance: object, _attribute: attrs.Attribute[str], value: str) -> None:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+
+    return validate
+
+
+def _validate_listen(_instance: object, _attribute: attrs.Attribute[str], value: str) -> None:
+    ListenAddress.parse(value)
+
+
+def _validate_url(_instance: object, _attribute: attrs.Attribute[str], value: str) -> None:
+    WsUrl.parse(value)
+
+
+def _validate_name(_instance: object, _attribute: attrs.Attribute[str], value: str) -> None:
+    if not value:
+        raise ValueError("must not be empty")
+    if any(ch.isspace() or ch == "/" or not ch.isprintable() for ch in value):
+        raise ValueError(f"must not contain spaces, '/' or control characters, got {value!r}")
+
+
+def _validate_tags(
+    _instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    problems = [(f"[{i}]", "must not be empty") for i, tag in enumerate(value) if not tag]
+    if problems:
+        raise _ElementErrors(attribute.name, problems)
+
+
+def _validate_unique_names(
+    _instance: object,
+    attribute: attrs.Attribute[tuple[ServerConfig, ...]],
+    value: tuple[ServerConfig, ...],
+) -> None:
+    seen: set[str] = set()
+    problems = []
+    for i, server in enumerate(value):
+        if server.name in seen:
+            problems.append((f"[{i}].name", f"duplicate server name {server.name!r}"))
+        seen.add(server.name)
+    if problems:
+        raise _ElementErrors(attribute.name, problems)
+
+
+def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise TypeError("expected a sequence of strings, got a string")
+    return tuple(value)
+
+
+def _server_tuple(value: Iterable[ServerConfig]) -> tuple[ServerConfig, ...]:
+    return tuple(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Records
+# ------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ProxyConfig:
+    """The ``[proxy]`` table: the client-facing listener, its limits and its timeouts."""
+
+    listen: str = attrs.field(default="0.0.0.0:9000", validator=_validate_listen)
+    """Address clients connect to, ``host:port`` (``[v6]:port`` for IPv6); see `listen_address`."""
+    max_connections: int = attrs.field(default=10000, validator=_at_least(1))
+    """Most client connections open at once, in total; further upgrades are refused with 503."""
+    max_message_size: int = attrs.field(default=1048576, validator=_at_least(125))
+    """Largest message, and largest single frame, in bytes; a bigger one closes with 1009."""
+    handshake_timeout: float = attrs.field(default=10.0, validator=_seconds(allow_zero=False))
+    """Seconds for the client's HTTP upgrade plus the backend's WebSocket handshake."""
+    idle_timeout: float = attrs.field(default=300.0, validator=_seconds(allow_zero=True))
+    """Seconds without traffic either way before the client is closed with 1001; 0 disables."""
+    close_timeout: float = attrs.field(default=5.0, validator=_seconds(allow_zero=False))
+    """Seconds to wait for the peer's answer to a close frame before dropping the connection."""
+    drain_timeout: float = attrs.field(default=10.0, validator=_seconds(allow_zero=True))
+    """On SIGINT/SIGTERM: seconds clients get after close 1001 before sessions are cancelled."""
+    connect_timeout: float = attrs.field(default=5.0, validator=_seconds(allow_zero=False))
+    """Seconds for one backend connection attempt (TCP connect plus WebSocket handshake)."""
+    connect_attempts: int = attrs.field(default=3, validator=_at_least(1))
+    """Distinct backends tried for one client before answering 502."""
+    retry_after: int = attrs.field(default=5, validator=_at_least(0))
+    """Seconds in the ``Retry-After`` header of a 503 (no backend can take the client)."""
+    validate_utf8: bool = True
+    """Check that text messages are valid UTF-8 (RFC 6455 8.1); an invalid one closes with 1007."""
+
+    @property
+    def listen_address(self) -> ListenAddress:
+        """`listen`, parsed."""
+        return ListenAddress.parse(self.listen)
+
+
+@attrs.frozen
+class BalancerConfig:
+    """The ``[balancer]`` table: how a backend is chosen for a new client."""
+
+    algorithm: Algorithm = attrs.field(default="least_connections", validator=_one_of(Algorithm))
+    """One of `Algorithm`; least connections by default."""
+
+
+@attrs.frozen
+class ServerConfig:
+    """One ``[[servers]]`` entry: a static backend game server."""
+
+    name: str = attrs.field(validator=_validate_name)
+    """Unique name of the backend (used in logs, metrics and the admin API)."""
+    url: str = attrs.field(validator=_validate_url)
+    """``ws://`` or ``wss://`` URL Atlas connects to; see `ws_url`."""
+    capacity: int = attrs.field(default=1000, validator=_at_least(1))
+    """Most clients this backend takes at once."""
+    weight: int = attrs.field(default=1, validator=_at_least(1))
+    """Relative share of clients for the weighted algorithms."""
+    tags: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple, validator=_validate_tags)
+    """Free-form labels (non-empty strings)."""
+
+    @property
+    def ws_url(self) -> WsUrl:
+        """`url`, parsed."""
+        return WsUrl.parse(self.url)
+
+
+@attrs.frozen
+class LoggingConfig:
+    """The ``[logging]`` table."""
+
+    level: LogLevel = attrs.field(default="info", validator=_one_of(LogLevel))
+    """Least severe level written."""
+    format: LogFormat = attrs.field(default="text", validator=_one_of(LogFormat))
+    """``text`` for people, ``json`` (one object per line) for machines."""
+
+
+@attrs.frozen
+class Config:
+    """A whole Atlas configuration.
+
+    Build one with `Config.default`, `Config.from_toml` or `Config.from_file`; `to_toml` writes it
+    back.
+    A file without ``[[servers]]`` has no static servers (backends may register later), whereas
+    `Config.default` (no file at all) has three demo servers.
+    """
+
+    proxy: ProxyConfig = ProxyConfig()
+    """The ``[proxy]`` table."""
+    balancer: BalancerConfig = BalancerConfig()
+    """The ``[balancer]`` table."""
+    servers: tuple[ServerConfig, ...] = attrs.field(
+        default=(), converter=_server_tuple, validator=_validate_unique_names
+    )
+    """The ``[[servers]]`` entries, in file order; names are unique."""
+    logging: LoggingConfig = LoggingConfig()
+    """The ``[logging]`` table."""
+
+    @classmethod
+    def default(cls) -> Config:
+        """The embedded default: every table at its defaults, plus three demo servers.
+
+        ``game-server-1`` .. ``game-server-3`` at ``ws://127.0.0.1:8080`` .. ``:8082``, capacity
+        1000, weight 1. This is what ``atlas serve`` uses without ``--config``.
+        """
+        return cls(
+            servers=tuple(
+                ServerConfig(name=f"game-server-{i + 1}", url=f"ws://127.0.0.1:{8080 + i}")
+                for i in range(3)
+            )
+        )
+
+    @classmethod
+    def from_toml(cls, text: str, *, source: str = "<config>") -> Config:
+        """Parse and validate a TOML document.
+
+        Missing tables and keys take their defaults. Raises `ConfigError` listing every problem as
+        a ``path: reason`` line; a syntax error is ``<source>: invalid TOML: <message>`` (the
+        message ends with the line and column).
+        """
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{source}: invalid TOML: {exc}"]) from None
+        try:
+            return _converter.structure(data, cls)
+        except Exception as exc:  # every failure becomes path: reason lines
+            errors = _error_lines(exc, path="", root=source)
+        raise ConfigError(errors)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Config:
+        """Read and validate a TOML file; see `from_toml`.
+
+        Raises `ConfigError`; a file that cannot be read gives ``<path>: cannot read: <reason>``.
+        """
+        name = os.fspath(path)
+        try:
+            with open(path, "rb") as file:
+                raw = file.read()
+        except OSError as exc:
+            raise ConfigError([f"{name}: cannot read: {exc.strerror or exc}"]) from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            reason = f"not UTF-8 (byte {exc.start})"
+            raise ConfigError([f"{name}: invalid TOML: {reason}"]) from None
+        return cls.from_toml(text, source=name)
+
+    def to_toml(self) -> str:
+        """Write every key of every table, defaults included, so ``from_toml(c.to_toml()) == c``."""
+        data: dict[str, Any] = _converter.unstructure(self)
+        if not self.servers:
+            return tomli_w.dumps(data)  # "servers = []" first, then the tables
+        # Tables first, then one [[servers]] block per server: tomli-w alone would pick inline
+        # tables for short entries, which read worse and differ from the documentation.
+        servers = data.pop("servers")
+        blocks = [tomli_w.dumps(data)]
+        blocks += [f"[[servers]]\n{tomli_w.dumps(server)}" for server in servers]
+        return "\n".join(blocks)
+
+
+_DEFAULT_HEADER = """\
+# Atlas configuration, written by `atlas init`. Every key is shown with its default value.
+# Check it with `atlas check FILE`, run with `atlas serve --config FILE`.
+# Every key is described in docs/configuration.md.
+
+"""
+
+
+def write_default_config(path: str | os.PathLike[str], *, force: bool = False) -> None:
+    """Write `Config.default` as TOML, under a short header comment, to *path* (for ``atlas init``).
+
+    Refuses to replace an existing file unless *force*: raises `ConfigError` with
+    ``<path>: exists (use --force)``; any other failure is ``<path>: cannot write: <reason>``.
+    """
+    name = os.fspath(path)
+    text = _DEFAULT_HEADER + Config.default().to_toml()
+    try:
+        # Mode "x" checks and creates in one step, so a file appearing meanwhile is not clobbered.
+        with open(path, "w" if force else "x", encoding="utf-8") as file:
+            file.write(text)
+    except FileExistsError:
+        raise ConfigError([f"{name}: exists (use --force)"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{name}: cannot write: {exc.strerror or exc}"]) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# The converter
+# ------------------------------------------------------------------------------------------------
+
+_converter = make_converter(forbid_extra_keys=True)
+
+_RECORDS = (ProxyConfig, BalancerConfig, ServerConfig, LoggingConfig, Config)
+
+
+def _describe(value: object) -> str:
+    """Name a TOML value in an error message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, datetime | date | time):
+        return f"a date/time ({value.isoformat()})"
+    return repr(value)
+
+
+def _structure_str(value: object, _type: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {_describe(value)}")
+    return value
+
+
+def _structure_int(value: object, _type: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {_describe(value)}")
+    return value
+
+
+def _structure_float(value: object, _type: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {_describe(value)}")
+    try:
+        result = float(value)
+    except OverflowError:
+        result = math.inf
+    if not math.isfinite(result):
+        raise ValueError(f"expected a finite number, got {_describe(value)}")
+    return result
+
+
+def _structure_bool(value: object, _type: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _is_literal(type_: Any) -> bool:
+    return get_origin(type_) is Literal
+
+
+def _literal_hook(type_: Any) -> Callable[[object, object], object]:
+    choices = get_args(type_)
+
+    def structure(value: object, _type: object) -> object:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return structure
+
+
+def _is_homogeneous_tuple(type_: Any) -> bool:
+    args = get_args(type_)
+    return get_origin(type_) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def _tuple_hook(type_: Any) -> Callable[[object, object], tuple[Any, ...]]:
+    item_type = get_args(type_)[0]
+    expected = "an array of tables" if attrs.has(item_type) else "an array"
+
+    def structure(value: object, _type: object) -> tuple[Any, ...]:
+        # cattrs would happily iterate a string into characters: only a TOML array will do.
+        if not isinstance(value, list):
+            raise TypeError(f"expected {expected}, got {_describe(value)}")
+        items = []
+        errors: list[Exception] = []
+        for index, item in enumerate(value):
+            try:
+                items.append(_converter.structure(item, item_type))
+            except Exception as exc:  # collected, reported with its index
+                exc.add_note(IterableValidationNote(f"index {index}", index, item_type))
+                errors.append(exc)
+        if errors:
+            raise IterableValidationError(f"While structuring {type_!r}", errors, tuple)
+        return tuple(items)
+
+    return structure
+
+
+def _validated(attribute: attrs.Attribute[Any]) -> Callable[[object, Any], Any]:
+    """A structure hook for one field: structure by type, then run that field's attrs validator."""
+    validator = attribute.validator
+    assert validator is not None
+
+    def structure(value: object, type_: Any) -> Any:
+        result = _converter.structure(value, type_)
+        validator(None, attribute, result)
+        return result
+
+    return structure
+
+
+def _record_hook(cls: type[Any]) -> Callable[[object, object], Any]:
+    # Built lazily (a hook factory), once every other hook is registered.
+    overrides = {
+        a.name: cattrs.gen.override(struct_hook=_validated(a))
+        for a in attrs.fields(cls)
+        if a.validator is not None
+    }
+    # mypy cannot tell that the overrides (keyed by field name) miss the named parameters.
+    structure_dict = cattrs.gen.make_dict_structure_fn(cls, _converter, **overrides)  # type: ignore[arg-type]
+
+    def structure(value: object, _type: object) -> Any:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a table, got {_describe(value)}")
+        return structure_dict(value, cls)
+
+    return structure
+
+
+_converter.register_structure_hook(str, _structure_str)
+_converter.register_structure_hook(int, _structure_int)
+_converter.register_structure_hook(float, _structure_float)
+_converter.register_structure_hook(bool, _structure_bool)
+_converter.register_structure_hook_factory(_is_literal, _literal_hook)
+_converter.register_structure_hook_factory(_is_homogeneous_tuple, _tuple_hook)
+_converter.register_structure_hook_factory(lambda t: t in _RECORDS, _record_hook)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _error_lines(exc: BaseException, path: str, root: str) -> list[str]:
+    """Flatten cattrs' exception tree into ``path: reason`` lines, in field order.
+
+    *root* names the document in the (unexpected) case of a problem with no key to point at.
+    """
+    lines: list[str] = []
+    if isinstance(exc, ClassValidationError):
+        with_notes, without = exc.group_exceptions()
+        for sub, attribute_note in with_notes:
+            lines += _error_lines(sub, _join(path, attribute_note.name), root)
+        for sub in without:
+            lines += _error_lines(sub, path, root)
+    elif isinstance(exc, IterableValidationError):
+        with_index, without = exc.group_exceptions()
+        for sub, index_note in with_index:
+            lines += _error_lines(sub, f"{path}[{index_note.index}]", root)
+        for sub in without:
+            lines += _error_lines(sub, path, root)
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        lines += [f"{_join(path, key)}: unknown key" for key in sorted(exc.extra_fields)]
+    elif isinstance(exc, KeyError):
+        lines.append(f"{path or root}: missing required key")
+    elif isinstance(exc, _ElementErrors):
+        lines += [f"{path}{sub}: {reason}" for sub, reason in exc.problems]
+    else:
+        lines.append(f"{path or root}: {exc}")
+    return lines
