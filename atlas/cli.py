@@ -16,8 +16,11 @@ import trio
 
 from atlas import __version__
 from atlas.config import Config, write_default_config
+from atlas.demo.client import run_client
+from atlas.demo.servers import serve_demo_cluster
 from atlas.errors import ConfigError, StartupError
 from atlas.logs import configure_logging
+from atlas.supervisor import run_until_signalled
 
 __all__ = ["main"]
 
@@ -78,9 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
         for line in exc.errors:
             print(f"atlas: config error: {line}", file=sys.stderr)
         return 1
-    configure_logging(
-        args.log_level or config.logging.level, args.log_format or config.logging.format
-    )
+    configure_logging(args.log_level or config.logging.level, args.log_format or config.logging.format)
     try:
         trio.run(_serve_async, config, args.demo)
     except StartupError as exc:
@@ -91,19 +92,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _serve_async(config: Config, demo: bool) -> None:
-    from atlas.supervisor import run_until_signalled
-
     try:
         async with trio.open_nursery() as nursery:
             if demo:
-                from atlas.demo.servers import serve_demo_cluster
-
                 try:
                     await nursery.start(serve_demo_cluster, "127.0.0.1", DEMO_PORTS)
                 except OSError as exc:
                     raise StartupError(
-                        f"cannot start the demo cluster on 127.0.0.1:8080-8082: "
-                        f"{exc.strerror or exc}"
+                        f"cannot start the demo cluster on 127.0.0.1:8080-8082: {exc.strerror or exc}"
                     ) from None
                 _print_demo_banner(config)
             await run_until_signalled(config)
@@ -145,8 +141,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> int:
-    from atlas.demo.client import run_client
-
     try:
         return trio.run(run_client, args.url)
     except KeyboardInterrupt:

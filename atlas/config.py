@@ -54,9 +54,7 @@ __all__ = [
     "write_default_config",
 ]
 
-Algorithm = Literal[
-    "least_connections", "round_robin", "random", "weighted_round_robin", "power_of_two"
-]
+Algorithm = Literal["least_connections", "round_robin", "random", "weighted_round_robin", "power_of_two"]
 """The load-balancing algorithms `BalancerConfig.algorithm` accepts."""
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -456,8 +454,7 @@ class Config:
         """
         return cls(
             servers=tuple(
-                ServerConfig(name=f"game-server-{i + 1}", url=f"ws://127.0.0.1:{8080 + i}")
-                for i in range(3)
+                ServerConfig(name=f"game-server-{i + 1}", url=f"ws://127.0.0.1:{8080 + i}") for i in range(3)
             )
         )
 

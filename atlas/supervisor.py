@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import AsyncIterator
 
 import attrs
 import trio
@@ -68,21 +69,23 @@ async def serve_atlas(
     """
     shutdown = shutdown if shutdown is not None else trio.Event()
     runtime = build_runtime(config)
-    async with trio.open_nursery() as root:
-        listening: ProxyListening = await root.start(
-            lambda task_status: serve_proxy(runtime, shutdown=shutdown, task_status=task_status)
-        )
-        task_status.started(AtlasStarted(proxy=listening, runtime=runtime))
-        await shutdown.wait()
-        # serve_proxy drains and returns on its own; wait for it, then stop everything else.
-        await _wait_children_but(root, count=0)
+    try:
+        async with trio.open_nursery() as root:
+            proxy_done = trio.Event()
 
+            async def proxy(task_status: trio.TaskStatus[ProxyListening]) -> None:
+                try:
+                    await serve_proxy(runtime, shutdown=shutdown, task_status=task_status)
+                finally:
+                    proxy_done.set()
 
-async def _wait_children_but(nursery: trio.Nursery, *, count: int) -> None:
-    """Wait until ``nursery`` has at most ``count`` children besides the caller, then cancel it."""
-    while len(nursery.child_tasks) > count:
-        await trio.sleep(0.01)
-    nursery.cancel_scope.cancel()
+            listening: ProxyListening = await root.start(proxy)
+            task_status.started(AtlasStarted(proxy=listening, runtime=runtime))
+            # serve_proxy drains and returns once shutdown is set; then everything else stops.
+            await proxy_done.wait()
+            root.cancel_scope.cancel()
+    except* StartupError as group:
+        raise group.exceptions[0] from None
 
 
 async def run_until_signalled(config: Config) -> None:
@@ -95,9 +98,7 @@ async def run_until_signalled(config: Config) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def _watch_signals(
-    signals: trio.abc.ReceiveChannel[int], shutdown: trio.Event, scope: trio.CancelScope
-) -> None:
+async def _watch_signals(signals: AsyncIterator[int], shutdown: trio.Event, scope: trio.CancelScope) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
         if not shutdown.is_set():

@@ -251,8 +251,7 @@ class BackendPool:
             raise KeyError(f"backend {backend.name!r} is not in this pool")
         if backend.connections >= backend.capacity:
             raise BackendUnavailableError(
-                f"backend {backend.name!r} is full"
-                f" ({backend.connections}/{backend.capacity} connections)"
+                f"backend {backend.name!r} is full ({backend.connections}/{backend.capacity} connections)"
             )
         backend.connections += 1
 

@@ -216,7 +216,5 @@ def make_balancer(algorithm: str, *, rng: random.Random | None = None) -> Balanc
         factory = _FACTORIES[algorithm]
     except KeyError:
         expected = ", ".join(BALANCER_NAMES)
-        raise ValueError(
-            f"unknown balancing algorithm {algorithm!r}; expected one of {expected}"
-        ) from None
+        raise ValueError(f"unknown balancing algorithm {algorithm!r}; expected one of {expected}") from None
     return factory(rng)

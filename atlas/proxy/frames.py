@@ -125,9 +125,7 @@ def unmask(payload: bytes | bytearray | memoryview, key: bytes, offset: int = 0)
     return value.to_bytes(n, "little")
 
 
-def build_frame(
-    opcode: int, payload: bytes = b"", *, mask: bool, fin: bool = True, rsv: int = 0
-) -> bytes:
+def build_frame(opcode: int, payload: bytes = b"", *, mask: bool, fin: bool = True, rsv: int = 0) -> bytes:
     """Encode one frame. ``mask`` must be true for frames Atlas sends to a backend (Atlas is its client)."""
     first = (0x80 if fin else 0) | (rsv & 0x7) << 4 | opcode
     n = len(payload)
@@ -265,7 +263,7 @@ class FrameScanner:
         """Bytes received but held back (a partial header or small frame)."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes | bytearray) -> bytes | bytearray:
         """Take newly received bytes; return the bytes that may be forwarded now (see the module doc)."""
         if self.state:
             return b""
@@ -291,7 +289,7 @@ class FrameScanner:
                 out = bytes(view[:pos])
                 buf.clear()
                 return out
-            return view[:pos] if pos < n else view  # type: ignore[return-value]
+            return view[:pos] if pos < n else view
         fwd_end = self._fwd_end
         if buf:
             out = bytes(buf[:fwd_end])
@@ -300,8 +298,8 @@ class FrameScanner:
         if pos < n:
             buf += memoryview(view)[pos:]
         if fwd_end == n:
-            return view  # type: ignore[return-value]
-        return view[:fwd_end]  # type: ignore[return-value]
+            return view
+        return view[:fwd_end]
 
     def _scan(self, view: bytes | bytearray, pos: int, n: int) -> int:
         """Walk frames from ``pos``; return how far input was consumed (``_fwd_end``: how far to forward)."""
@@ -374,8 +372,11 @@ class FrameScanner:
                     break
                 self._message_size = size
                 # A large frame: forward its header and what we have of it, stream the rest later.
-                self._start_stream(view, pos, header, length, bool(fin), text)
                 start = pos + header
+                self._frame_key = bytes(view[start - 4 : start]) if masked else b""
+                self._frame_text = text and self._validate_utf8
+                self._pending_fin = bool(fin)
+                self._in_message = True  # the message ends when the frame's last byte has passed
                 self._remaining = end - start
                 self._frame_offset = 0
                 self._fwd_end = pos + header
@@ -383,9 +384,7 @@ class FrameScanner:
             if text and self._validate_utf8:
                 start = pos + header
                 payload = (
-                    unmask(view[start:end], bytes(view[start - 4 : start]))
-                    if masked
-                    else view[start:end]
+                    unmask(view[start:end], bytes(view[start - 4 : start])) if masked else view[start:end]
                 )
                 self._check_text(payload, bool(fin), opcode == OP_CONTINUATION)
             self._message_size = size
@@ -423,14 +422,6 @@ class FrameScanner:
             payload = unmask(payload, bytes(view[key_at:start]))
         self.close_code, self.close_reason = parse_close(payload)
 
-    def _start_stream(
-        self, view: bytes | bytearray, pos: int, header: int, length: int, fin: bool, text: bool
-    ) -> None:
-        self._frame_key = bytes(view[pos + header - 4 : pos + header]) if self._masked else b""
-        self._frame_text = text and self._validate_utf8
-        self._in_message = True  # the message ends only when the frame's last byte has passed
-        self._pending_fin = fin
-
     def _continue_stream(self, view: bytes | bytearray, n: int, start: int = 0) -> int:
         """Pass through the next piece of a large frame's payload; return the new scan position."""
         take = min(self._remaining, n - start)
@@ -451,10 +442,9 @@ class FrameScanner:
                 return end
         self._frame_offset += take
         self._remaining -= take
-        if not self._remaining:
-            if self._pending_fin:
-                self._in_message = False
-                self._decoder = None
-                self.messages += 1
+        if not self._remaining and self._pending_fin:
+            self._in_message = False
+            self._decoder = None
+            self.messages += 1
         self._fwd_end = end
         return end

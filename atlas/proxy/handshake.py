@@ -126,7 +126,7 @@ async def receive_upgrade(stream: trio.abc.Stream) -> tuple[UpgradeRequest, h11.
                 raise HandshakeError(0, f"client went away: {exc}") from None
             if not data:
                 raise HandshakeError(0, "client closed before sending a request")
-            conn.receive_data(data)
+            conn.receive_data(bytes(data))
             continue
         raise HandshakeError(0, "client closed before sending a request")
 
@@ -277,7 +277,7 @@ async def _client_handshake(
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 chunk = await stream.receive_some(_RECEIVE_SIZE)
-                conn.receive_data(chunk)
+                conn.receive_data(bytes(chunk))
                 if not chunk:
                     raise HandshakeError(502, "backend closed during the handshake")
                 continue

@@ -20,9 +20,9 @@ Shutdown (the ``shutdown`` event) stops accepting, asks every session to close w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -92,11 +92,8 @@ async def _refuse(
     data = reject_response(
         conn, exc.status, exc.reason, retry_after=retry_after if exc.status == 503 else None
     )
-    with trio.move_on_after(1):
-        try:
-            await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+    with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_all(data)
 
 
 async def _connect_backend(
@@ -147,14 +144,14 @@ async def _open_link(
     """Open one backend link within ``connect_timeout``; raise :class:`HandshakeError` on failure."""
     config = runtime.config
     headers = backend_request_headers(
-            request,
-            host=backend.host,
-            port=backend.port,
-            secure=backend.secure,
-            client_ip=client_ip,
-            client_id=client_id,
-            client_secure=False,
-        )
+        request,
+        host=backend.host,
+        port=backend.port,
+        secure=backend.secure,
+        client_ip=client_ip,
+        client_id=client_id,
+        client_secure=False,
+    )
     target = _backend_target(backend.path, request.target)
     shake: BackendHandshake | None = None
     with trio.move_on_after(config.connect_timeout):
@@ -202,7 +199,7 @@ class _Prepended(trio.abc.Stream):
         self._inner = inner
         self._head = head
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._head:
             head, self._head = self._head, b""
             await trio.lowlevel.checkpoint()
@@ -237,9 +234,7 @@ async def handle_client(runtime: ProxyRuntime, stream: trio.SocketStream) -> Non
                 raise HandshakeError(503, "Atlas is shutting down")
             if len(clients) >= config.max_connections:
                 raise HandshakeError(503, "too many connections")
-            backend, link = await _connect_backend(
-                runtime, request, client_ip=client_ip, client_id=client_id
-            )
+            backend, link = await _connect_backend(runtime, request, client_ip=client_ip, client_id=client_id)
             try:
                 response, pending = accept_response(conn, request, subprotocol=link.subprotocol)
                 await stream.send_all(response)
@@ -343,29 +338,22 @@ async def serve_proxy(
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise StartupError(f"cannot listen on {address}: {reason}") from None
-    bound = tuple(
-        (str(lst.socket.getsockname()[0]), int(lst.socket.getsockname()[1])) for lst in listeners
-    )
+    bound = tuple((str(lst.socket.getsockname()[0]), int(lst.socket.getsockname()[1])) for lst in listeners)
 
-    def handler_for(nursery: trio.Nursery) -> Callable[[trio.SocketStream], object]:
-        async def guarded(stream: trio.SocketStream) -> None:
-            try:
-                await handle_client(runtime, stream)
-            except Exception:
-                # One client's bug must never take the listener down.
-                log.exception("unexpected error in a client session")
-                await trio.aclose_forcefully(stream)
-
-        return guarded
+    async def guarded(stream: trio.SocketStream) -> None:
+        try:
+            await handle_client(runtime, stream)
+        except Exception:
+            # One client's bug must never take the listener down.
+            log.exception("unexpected error in a client session")
+            await trio.aclose_forcefully(stream)
 
     async with trio.open_nursery() as listener_nursery:
         accept_scope = trio.CancelScope()
 
         async def accept_loops() -> None:
             with accept_scope:
-                await trio.serve_listeners(
-                    handler_for(listener_nursery), listeners, handler_nursery=listener_nursery
-                )
+                await trio.serve_listeners(guarded, listeners, handler_nursery=listener_nursery)
 
         listener_nursery.start_soon(accept_loops)
         listener_nursery.start_soon(_sweep_idle, runtime)

@@ -37,7 +37,7 @@ from atlas.proxy.frames import CloseCode, FrameScanner, ScanState, build_close
 if TYPE_CHECKING:
     from atlas.pool import Backend
 
-__all__ = ["BackendLink", "ClientSession", "Ending", "EndKind"]
+__all__ = ["BackendLink", "ClientSession", "EndKind", "Ending"]
 
 log = logging.getLogger("atlas.proxy")
 
@@ -108,9 +108,7 @@ class ClientSession:
         self.client_stream = client_stream
         self.link = link
         self.close_timeout = close_timeout
-        self.up = FrameScanner(
-            masked=True, max_message_size=max_message_size, validate_utf8=validate_utf8
-        )
+        self.up = FrameScanner(masked=True, max_message_size=max_message_size, validate_utf8=validate_utf8)
         self.bytes_up = 0
         self.bytes_down = 0
         self.ending: Ending | None = None
@@ -188,7 +186,7 @@ class ClientSession:
             if not await self._forward_up(data):
                 return
 
-    async def _forward_up(self, data: bytes) -> bool:
+    async def _forward_up(self, data: bytes | bytearray) -> bool:
         """Scan and forward client bytes; return False once the up direction is finished."""
         self.bytes_up += len(data)
         scanner = self.up
@@ -258,9 +256,7 @@ class ClientSession:
                     self._close_relayed()
                 else:
                     assert scanner.error is not None
-                    self._end(
-                        Ending(EndKind.BACKEND_ERROR, scanner.error.code, scanner.error.reason)
-                    )
+                    self._end(Ending(EndKind.BACKEND_ERROR, scanner.error.code, scanner.error.reason))
                 return
 
     def _close_relayed(self) -> None:
@@ -272,9 +268,7 @@ class ClientSession:
             self._set_close_deadline()
 
     def _set_close_deadline(self) -> None:
-        self._relay_scope.deadline = min(
-            self._relay_scope.deadline, trio.current_time() + self.close_timeout
-        )
+        self._relay_scope.deadline = min(self._relay_scope.deadline, trio.current_time() + self.close_timeout)
 
     # -- closing -----------------------------------------------------------------------------------
 
@@ -309,9 +303,7 @@ class ClientSession:
                     self.client_stream, self._down_dirty, self.link.scanner, to_client, mask=False
                 )
             if to_backend and not self._closed_to_backend:
-                await self._send_close(
-                    self.link.stream, self._up_dirty, self.up, to_backend, mask=True
-                )
+                await self._send_close(self.link.stream, self._up_dirty, self.up, to_backend, mask=True)
             if wait_client and self.up.state is ScanState.OPEN:
                 await self._await_close(self.client_stream, self.up)
 
