@@ -105,7 +105,16 @@ async def _serve_async(config: Config, demo: bool) -> None:
             await run_until_signalled(config)
             nursery.cancel_scope.cancel()
     except* StartupError as group:
-        raise group.exceptions[0] from None
+        raise _first_leaf(group) from None
+
+
+def _first_leaf(group: BaseExceptionGroup[StartupError]) -> StartupError:
+    """The first exception in a (possibly nested) group: one clear line beats a tree of them."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    assert isinstance(first, StartupError)
+    return first
 
 
 def _print_demo_banner(config: Config) -> None:
