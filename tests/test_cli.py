@@ -16,9 +16,7 @@ ATLAS = [sys.executable, "-m", "atlas"]
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*ATLAS, *args], capture_output=True, text=True, timeout=60, cwd=cwd, check=False
-    )
+    return subprocess.run([*ATLAS, *args], capture_output=True, text=True, timeout=60, cwd=cwd, check=False)
 
 
 def test_init_writes_a_default_config_that_check_accepts(tmp_path: Path) -> None:
@@ -43,9 +41,7 @@ def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
 
 def test_check_reports_path_and_reason_without_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text(
-        '[proxy]\nlisten = "nowhere"\n\n[[servers]]\nname = "a"\nurl = "http://127.0.0.1:1"\n'
-    )
+    bad.write_text('[proxy]\nlisten = "nowhere"\n\n[[servers]]\nname = "a"\nurl = "http://127.0.0.1:1"\n')
     result = run_cli("check", str(bad))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()

@@ -104,9 +104,7 @@ def test_issue_example_parses() -> None:
 
 
 def test_missing_keys_take_defaults() -> None:
-    config = Config.from_toml(
-        '[proxy]\nidle_timeout = 0\n[[servers]]\nname = "a"\nurl = "ws://a"\n'
-    )
+    config = Config.from_toml('[proxy]\nidle_timeout = 0\n[[servers]]\nname = "a"\nurl = "ws://a"\n')
     assert config.proxy == ProxyConfig(idle_timeout=0.0)
     assert config.servers == (ServerConfig(name="a", url="ws://a"),)
     assert config.balancer == BalancerConfig()
@@ -332,9 +330,7 @@ def test_no_lenient_coercion() -> None:
 
 
 def test_table_where_a_list_belongs() -> None:
-    assert errors_of('[servers]\nname = "a"\n') == [
-        "servers: expected an array of tables, got a table"
-    ]
+    assert errors_of('[servers]\nname = "a"\n') == ["servers: expected an array of tables, got a table"]
 
 
 def test_string_where_a_list_belongs() -> None:
@@ -358,9 +354,7 @@ def test_url_without_host() -> None:
 
 
 def test_bad_listen_address() -> None:
-    assert errors_of('[proxy]\nlisten = "9000"\n') == [
-        "proxy.listen: expected host:port, got '9000'"
-    ]
+    assert errors_of('[proxy]\nlisten = "9000"\n') == ["proxy.listen: expected host:port, got '9000'"]
 
 
 def test_port_out_of_range() -> None:
@@ -425,8 +419,7 @@ def test_missing_server_name_and_url() -> None:
 
 def test_invalid_toml_syntax() -> None:
     assert errors_of("[proxy\nlisten = 1\n") == [
-        "atlas.toml: invalid TOML: Expected ']' at the end of a table declaration "
-        "(at line 1, column 7)"
+        "atlas.toml: invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 7)"
     ]
 
 

@@ -146,16 +146,12 @@ def test_from_url_garbage_raises_only_value_error(url: str) -> None:
 
 @given(
     secure=st.booleans(),
-    host=st.from_regex(
-        r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){0,3}", fullmatch=True
-    ),
+    host=st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){0,3}", fullmatch=True),
     port=st.none() | st.integers(1, 65535),
     path=st.from_regex(r"(/[A-Za-z0-9._~-]{0,8}){0,4}", fullmatch=True),
     query=st.from_regex(r"[A-Za-z0-9=&]{0,12}", fullmatch=True),
 )
-def test_from_url_round_trip(
-    secure: bool, host: str, port: int | None, path: str, query: str
-) -> None:
+def test_from_url_round_trip(secure: bool, host: str, port: int | None, path: str, query: str) -> None:
     scheme = "wss" if secure else "ws"
     url = f"{scheme}://{host}{'' if port is None else f':{port}'}{path}"
     if query:
@@ -238,9 +234,7 @@ def test_make_balancer_passes_the_rng() -> None:
     for name in ("random", "power_of_two"):
         first = make_balancer(name, rng=random.Random(42))
         second = make_balancer(name, rng=random.Random(42))
-        assert [first.pick(candidates) for _ in range(50)] == [
-            second.pick(candidates) for _ in range(50)
-        ]
+        assert [first.pick(candidates) for _ in range(50)] == [second.pick(candidates) for _ in range(50)]
 
 
 # --- every balancer, through the pool -----------------------------------------------------------
@@ -521,9 +515,7 @@ def test_weighted_round_robin_forgets_backends_that_leave() -> None:
     assert wrr.pick([backend("z")]).name == "z"  # a, b and c leave, and are forgotten
     comeback = [backend(name, weight=w) for name, w in weights.items()]
     fresh = WeightedRoundRobin()
-    assert [wrr.pick(comeback).name for _ in range(18)] == [
-        fresh.pick(comeback).name for _ in range(18)
-    ]
+    assert [wrr.pick(comeback).name for _ in range(18)] == [fresh.pick(comeback).name for _ in range(18)]
 
 
 def test_weighted_round_robin_skips_unavailable_through_the_pool() -> None:
@@ -634,9 +626,7 @@ def test_random_choices_work_without_an_rng() -> None:
     seed=st.integers(0, 2**32),
     loads=st.lists(st.tuples(st.integers(0, 20), st.integers(1, 5)), min_size=2, max_size=10),
 )
-def test_power_of_two_never_picks_the_heavier_of_two(
-    seed: int, loads: list[tuple[int, int]]
-) -> None:
+def test_power_of_two_never_picks_the_heavier_of_two(seed: int, loads: list[tuple[int, int]]) -> None:
     candidates = [backend(f"b{i}", weight=w, connections=c) for i, (c, w) in enumerate(loads)]
     p2c = PowerOfTwo(random.Random(seed))
     for _ in range(20):

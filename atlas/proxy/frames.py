@@ -12,7 +12,7 @@ headers in ``data`` (plus whatever partial frame was held back from the previous
 returns the bytes that may be forwarded now:
 
 * every complete frame, untouched;
-* the header and the received part of a *large* frame (longer than ``stream_threshold``), so a big message
+* the header and the received part of a *large* frame (``stream_threshold`` bytes or more), so a big message
   streams through instead of being buffered whole;
 * never a partial small frame or a partial header: those are held until complete, so the output stream is
   at a frame boundary whenever ``feed`` returns and Atlas can inject its own close frame cleanly.
@@ -368,7 +368,7 @@ class FrameScanner:
                 raise FrameError(CloseCode.MESSAGE_TOO_BIG, f"message over {self._max_message} bytes")
             end = pos + header + length
             if end > n:
-                if length < self._stream_threshold:
+                if length < self._stream_threshold or n - pos < header:
                     break
                 self._message_size = size
                 # A large frame: forward its header and what we have of it, stream the rest later.

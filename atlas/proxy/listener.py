@@ -41,7 +41,7 @@ from atlas.proxy.handshake import (
     receive_upgrade,
     reject_response,
 )
-from atlas.proxy.session import BackendLink, ClientSession
+from atlas.proxy.session import BackendLink, ClientSession, Ending
 
 if TYPE_CHECKING:
     from atlas.config import ProxyConfig
@@ -61,6 +61,8 @@ class ProxyRuntime:
     clients: ClientRegistry = attrs.field(factory=ClientRegistry)
     backend_ssl: ssl.SSLContext | None = None
     accepting: bool = True
+    handshaking: int = 0
+    """Clients between accept and the end of their handshakes (they count toward the limit)."""
 
 
 @attrs.frozen
@@ -180,10 +182,17 @@ async def _open_link(
 
 
 def _backend_target(base: str, client_target: bytes) -> bytes:
-    """Join the backend URL's path prefix with the client's path and query."""
+    """The request target for the backend: its URL's path as a prefix of the client's path, queries merged.
+
+    ``ws://h/game?build=42`` and a client's ``/room?a=1`` give ``/game/room?build=42&a=1``.
+    """
     if base in ("", "/"):
         return client_target
-    return base.rstrip("/").encode("utf-8") + client_target
+    base_path, _, base_query = base.encode("utf-8").partition(b"?")
+    client_path, _, client_query = client_target.partition(b"?")
+    path = base_path.rstrip(b"/") + client_path if client_path != b"/" else base_path
+    query = b"&".join(part for part in (base_query, client_query) if part)
+    return path + b"?" + query if query else path
 
 
 def _backend_ssl(runtime: ProxyRuntime) -> ssl.SSLContext:
@@ -221,45 +230,19 @@ class _Prepended(trio.abc.Stream):
 
 async def handle_client(runtime: ProxyRuntime, stream: trio.SocketStream) -> None:
     """Serve one accepted connection from its upgrade request to its last byte."""
-    config = runtime.config
     clients = runtime.clients
     client_ip, peer = _peer(stream)
     client_id = clients.new_id()
     started = trio.current_time()
-    conn: h11.Connection | None = None
+    runtime.handshaking += 1
     try:
-        with trio.fail_after(config.handshake_timeout):
-            request, conn = await receive_upgrade(stream)
-            if not runtime.accepting:
-                raise HandshakeError(503, "Atlas is shutting down")
-            if len(clients) >= config.max_connections:
-                raise HandshakeError(503, "too many connections")
-            backend, link = await _connect_backend(runtime, request, client_ip=client_ip, client_id=client_id)
-            try:
-                response, pending = accept_response(conn, request, subprotocol=link.subprotocol)
-                await stream.send_all(response)
-            except BaseException:
-                runtime.pool.release(backend)
-                await trio.aclose_forcefully(link.stream)
-                raise
-    except HandshakeError as exc:
-        if exc.status:
-            clients.refused_total += 1
-            log.info("client %s from %s refused: %d %s", client_id, peer, exc.status, exc.reason)
-            await _refuse(stream, conn, exc, config.retry_after)
-        await trio.aclose_forcefully(stream)
+        accepted = await _handshake(runtime, stream, client_id=client_id, client_ip=client_ip, peer=peer)
+    finally:
+        runtime.handshaking -= 1
+    if accepted is None:
         return
-    except trio.TooSlowError:
-        clients.refused_total += 1
-        log.info("client %s from %s: handshake timed out", client_id, peer)
-        if conn is not None and conn.our_state is h11.SEND_RESPONSE:
-            await _refuse(stream, conn, HandshakeError(504, "handshake timed out"), 0)
-        await trio.aclose_forcefully(stream)
-        return
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        await trio.aclose_forcefully(stream)
-        return
-
+    link, pending = accepted
+    config = runtime.config
     session = ClientSession(
         client_id=client_id,
         peer=peer,
@@ -275,26 +258,88 @@ async def handle_client(runtime: ProxyRuntime, stream: trio.SocketStream) -> Non
         "client %s connected from %s -> %s (handshake %.1f ms)",
         client_id,
         peer,
-        backend.name,
+        link.backend.name,
         (trio.current_time() - started) * 1000,
-        extra={"client": client_id, "peer": peer, "server": backend.name, "event": "connect"},
+        extra={"client": client_id, "peer": peer, "server": link.backend.name, "event": "connect"},
     )
+    if not runtime.accepting:
+        # The drain began while this client was handshaking: it must not miss its Close.
+        session.close(CloseCode.GOING_AWAY, "server shutting down")
+    ending: Ending | None = None
     try:
         ending = await session.run()
     finally:
         clients.discard(client_id)
         runtime.pool.release(session.link.backend)
-    log.info(
-        "client %s disconnected from %s: %s %d %s (messages %d up / %d down)",
-        client_id,
-        session.link.backend.name,
-        ending.kind.value,
-        ending.code,
-        ending.reason,
-        session.messages_up,
-        session.messages_down,
-        extra={"client": client_id, "server": session.link.backend.name, "event": "disconnect"},
-    )
+        how = f"{ending.kind.value} {ending.code} {ending.reason}" if ending else "cancelled"
+        log.info(
+            "client %s disconnected from %s: %s (messages %d up / %d down)",
+            client_id,
+            session.link.backend.name,
+            how.rstrip(),
+            session.messages_up,
+            session.messages_down,
+            extra={"client": client_id, "server": session.link.backend.name, "event": "disconnect"},
+        )
+
+
+async def _handshake(
+    runtime: ProxyRuntime, stream: trio.SocketStream, *, client_id: str, client_ip: str, peer: str
+) -> tuple[BackendLink, bytes] | None:
+    """Both handshakes within ``handshake_timeout``: the link and the client's early bytes, or None.
+
+    Every refusal is answered (when there is someone to answer), logged and counted here; the client
+    stream is closed on every path that returns None.
+    """
+    config = runtime.config
+    clients = runtime.clients
+    conn: h11.Connection | None = None
+    refusal: HandshakeError | None = None
+    try:
+        with trio.fail_after(config.handshake_timeout):
+            request, conn = await receive_upgrade(stream)
+            if not runtime.accepting:
+                raise HandshakeError(503, "Atlas is shutting down")
+            # Clients still handshaking count too, or a burst could overshoot the limit.
+            if len(clients) + runtime.handshaking > config.max_connections:
+                raise HandshakeError(503, "too many connections")
+            backend, link = await _connect_backend(runtime, request, client_ip=client_ip, client_id=client_id)
+            try:
+                response, pending = accept_response(conn, request, subprotocol=link.subprotocol)
+                await stream.send_all(response)
+            except BaseException:
+                runtime.pool.release(backend)
+                await trio.aclose_forcefully(link.stream)
+                raise
+            return link, pending
+    except HandshakeError as exc:
+        refusal = exc if exc.status else None
+    except trio.TooSlowError:
+        if conn is not None and conn.our_state is h11.SEND_RESPONSE:
+            refusal = HandshakeError(504, "handshake timed out")
+        else:
+            log.info(
+                "client %s from %s: no upgrade request within %.1f s",
+                client_id,
+                peer,
+                config.handshake_timeout,
+                extra={"client": client_id, "peer": peer, "event": "refused", "status": 408},
+            )
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    if refusal is not None:
+        clients.refused_total += 1
+        log.info(
+            "client %s from %s refused: %d %s",
+            client_id,
+            peer,
+            refusal.status,
+            refusal.reason,
+            extra={"client": client_id, "peer": peer, "event": "refused", "status": refusal.status},
+        )
+        await _refuse(stream, conn, refusal, config.retry_after)
+    await trio.aclose_forcefully(stream)
+    return None
 
 
 async def _sweep_idle(runtime: ProxyRuntime) -> None:

@@ -153,12 +153,14 @@ class ClientSession:
         """Relay until the session ends, close both streams, and return how it ended."""
         try:
             with self._relay_scope:
+                up_open = True
                 if self._pending:
                     # Frame bytes the client sent right behind its upgrade request.
-                    await self._forward_up(self._pending)
+                    up_open = await self._forward_up(self._pending)
                 if self.ending is None:
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pump_up)
+                        if up_open:
+                            nursery.start_soon(self._pump_up)
                         nursery.start_soon(self._pump_down)
             if self.ending is None:
                 # The close-handshake deadline ran out.

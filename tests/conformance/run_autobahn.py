@@ -191,8 +191,7 @@ def format_summary(summary: RunSummary) -> str:
     """The human-readable summary: counts per verdict and per section, and every case not passed."""
     reports = summary.reports
     lines = [
-        f"Autobahn|Testsuite against {summary.target}: {len(reports)} cases "
-        f"in {summary.seconds:.1f} s",
+        f"Autobahn|Testsuite against {summary.target}: {len(reports)} cases in {summary.seconds:.1f} s",
         "",
         *_counts_table("behavior", Counter(report.behavior for report in reports)),
         "",
@@ -209,9 +208,7 @@ def format_summary(summary: RunSummary) -> str:
         lines += [
             "",
             "slowest: "
-            + ", ".join(
-                f"{report.case_id} {report.duration_ms / 1000:.1f} s" for report in slowest
-            ),
+            + ", ".join(f"{report.case_id} {report.duration_ms / 1000:.1f} s" for report in slowest),
         ]
     failures = summary.failures
     lines.append("")
@@ -219,8 +216,7 @@ def format_summary(summary: RunSummary) -> str:
         lines.append(f"NOT PASSED: {len(failures)} of {len(reports)} cases")
         for report in failures:
             lines.append(
-                f"  {report.case_id}: behavior {report.behavior}, "
-                f"behaviorClose {report.behavior_close}"
+                f"  {report.case_id}: behavior {report.behavior}, behaviorClose {report.behavior_close}"
             )
             if report.behavior not in PASSING:
                 lines.append(f"      {report.result}")
@@ -371,9 +367,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         action="store_true",
         help="run against the echo backend alone, without Atlas (for comparison)",
     )
-    parser.add_argument(
-        "-p", "--parallelism", type=int, default=4, help="cases run at once (default: 4)"
-    )
+    parser.add_argument("-p", "--parallelism", type=int, default=4, help="cases run at once (default: 4)")
     parser.add_argument(
         "--outdir",
         type=Path,
@@ -386,9 +380,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         default=900.0,
         help="seconds the whole kosoku run may take (default: 900)",
     )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="show kosoku's output and Atlas's logs"
-    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show kosoku's output and Atlas's logs")
     args = parser.parse_args(argv)
     if args.parallelism < 1:
         parser.error("--parallelism must be at least 1")
