@@ -98,9 +98,7 @@ async def _serve_async(config: Config, demo: bool) -> None:
                 try:
                     await nursery.start(serve_demo_cluster, "127.0.0.1", DEMO_PORTS)
                 except OSError as exc:
-                    raise StartupError(
-                        f"cannot start the demo cluster on 127.0.0.1:8080-8082: {exc.strerror or exc}"
-                    ) from None
+                    raise StartupError(f"demo cluster: {exc.strerror or exc}") from None
                 _print_demo_banner(config)
             await run_until_signalled(config)
             nursery.cancel_scope.cancel()
@@ -124,7 +122,8 @@ def _print_demo_banner(config: Config) -> None:
     print(
         f"Atlas demo: proxy on {address} in front of {names}.\n"
         f"Connect:  python -m atlas client ws://{host}:{address.port}\n"
-        f"Type a line to chat; /server names the game server you landed on. Ctrl-C stops.",
+        f"game-server-1 echoes your lines; the others are chat rooms that greet you by name.\n"
+        f"Type a line to send it (/who and /server work in the chat rooms). Ctrl-C stops.",
         flush=True,
     )
 

@@ -129,7 +129,27 @@ async def _converse_on_stdin(
         return await _converse(ws, stdin, out)
     # Opened only once connected: FdStream puts the terminal in non-blocking mode while open.
     async with _open_stdin() as own_stdin:
+        if isinstance(own_stdin, trio.lowlevel.FdStream):
+            out = _blocking_while_writing(out, own_stdin.fileno())
         return await _converse(ws, own_stdin, out)
+
+
+def _blocking_while_writing(out: _Output, fd: int) -> _Output:
+    """Wrap ``out`` so the file behind ``fd`` is in blocking mode while ``out`` runs.
+
+    ``FdStream`` makes the whole open file non-blocking, and in a terminal stdin, stdout and stderr
+    usually share one open file: a long line printed while the terminal is busy would then be cut
+    short silently. Nothing reads stdin while this synchronous call runs, so switching is safe.
+    """
+
+    def write(line: str) -> None:
+        os.set_blocking(fd, True)
+        try:
+            out(line)
+        finally:
+            os.set_blocking(fd, False)
+
+    return write
 
 
 async def _converse(ws: WebSocketConnection, stdin: trio.abc.ReceiveStream, out: _Output) -> int:

@@ -35,6 +35,7 @@ from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, wrap
 
 __all__ = [
     "CLOSE_TIMEOUT",
+    "ECHO_SEND_TIMEOUT",
     "HANDSHAKE_TIMEOUT",
     "ChatOutput",
     "ChatRoom",
@@ -49,12 +50,19 @@ logger = logging.getLogger("atlas.demo")
 HANDSHAKE_TIMEOUT = 10.0
 #: Seconds the server waits for the closing handshake (and for closing listeners) before giving up.
 CLOSE_TIMEOUT = 2.0
+#: On shutdown, how long to leave the connection open after sending close 1001.
+_GOING_AWAY_CLOSE_TIMEOUT = 0.05
 #: The echo server drops a client that does not take an echoed message within this many seconds.
 ECHO_SEND_TIMEOUT = 30.0
 #: Read size for the WebSocket reader; large enough that multi-megabyte messages stream quickly.
 _RECEIVE_BUFFER_SIZE = 64 * 1024
 #: Close code for a chat player dropped because it could not keep up (1008: policy violation).
 _TOO_SLOW_CODE = 1008
+# Defaults of the public functions, shared with the demo cluster.
+_ECHO_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+_CHAT_MAX_MESSAGE_SIZE = 1024 * 1024
+_CHAT_QUEUE_SIZE = 256
+_CHAT_SEND_TIMEOUT = 5.0
 
 _Session = Callable[[WebSocketConnection], Awaitable[None]]
 
@@ -89,7 +97,10 @@ def _bound_port(listeners: Sequence[trio.SocketListener]) -> int:
 
 
 def _describe_peer(ws: WebSocketConnection) -> str:
-    remote = ws.remote
+    try:
+        remote = ws.remote
+    except OSError:  # getpeername() fails once the peer has reset the connection
+        return "(disconnected peer)"
     if isinstance(remote, Endpoint):
         return f"{remote.address}:{remote.port}"
     return remote
@@ -125,9 +136,12 @@ async def _serve_stream(
             try:
                 await session(ws)
             finally:
-                # Cancelled from outside means the server is shutting down: tell the client.
+                # Cancelled from outside means the server is shutting down: tell the client. The
+                # WebSocket reader task was cancelled too, so the client's answering close frame
+                # cannot be read: send ours and drop the connection soon after.
                 going_away = trio.current_effective_deadline() == -math.inf
-                with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                close_timeout = _GOING_AWAY_CLOSE_TIMEOUT if going_away else CLOSE_TIMEOUT
+                with trio.move_on_after(close_timeout, shield=True):
                     await ws.aclose(1001 if going_away else 1000)
                 # Stops the reader task if the close handshake timed out.
                 nursery.cancel_scope.cancel()
@@ -190,7 +204,7 @@ async def serve_echo_server(
     port: int,
     *,
     name: str = "echo",
-    max_message_size: int = 64 * 1024 * 1024,
+    max_message_size: int = _ECHO_MAX_MESSAGE_SIZE,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve a WebSocket echo server on ``host:port`` until cancelled.
@@ -309,6 +323,8 @@ class _ChatServer:
                     await self._read(ws, player)
                     nursery.cancel_scope.cancel()
             if seat.dropped:
+                # If a send was cut off by the drop, this close frame follows a partial frame and
+                # the client sees a protocol error instead; either way it is disconnected.
                 with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                     await ws.aclose(_TOO_SLOW_CODE, "too slow")
         finally:
@@ -377,9 +393,9 @@ async def serve_chat_server(
     port: int,
     *,
     name: str,
-    queue_size: int = 256,
-    send_timeout: float = 5.0,
-    max_message_size: int = 1024 * 1024,
+    queue_size: int = _CHAT_QUEUE_SIZE,
+    send_timeout: float = _CHAT_SEND_TIMEOUT,
+    max_message_size: int = _CHAT_MAX_MESSAGE_SIZE,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve a tiny chat game server called ``name`` on ``host:port`` until cancelled.
@@ -442,11 +458,13 @@ async def serve_demo_cluster(
                 name = f"game-server-{index + 1}"
                 if index == 0:
                     session: _Session = partial(_echo_session, server_name=name)
-                    max_message_size = 64 * 1024 * 1024
+                    max_message_size = _ECHO_MAX_MESSAGE_SIZE
                 else:
-                    chat = _ChatServer(ChatRoom(name), queue_size=256, send_timeout=5.0)
+                    chat = _ChatServer(
+                        ChatRoom(name), queue_size=_CHAT_QUEUE_SIZE, send_timeout=_CHAT_SEND_TIMEOUT
+                    )
                     session = chat.session
-                    max_message_size = 1024 * 1024
+                    max_message_size = _CHAT_MAX_MESSAGE_SIZE
                 bound_port = await nursery.start(
                     partial(
                         _run_server,
