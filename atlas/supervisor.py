@@ -22,10 +22,10 @@ import trio
 
 from atlas.config import Config
 from atlas.errors import StartupError
-from atlas.pool import Backend, BackendPool, make_balancer
-from atlas.proxy.listener import ProxyListening, ProxyRuntime, serve_proxy
+from atlas.proxy.listener import ProxyListening, serve_proxy
+from atlas.runtime import Runtime
 
-__all__ = ["AtlasStarted", "build_runtime", "run_until_signalled", "serve_atlas"]
+__all__ = ["AtlasStarted", "run_until_signalled", "serve_atlas"]
 
 log = logging.getLogger("atlas")
 
@@ -35,25 +35,7 @@ class AtlasStarted:
     """What :func:`serve_atlas` reports once Atlas accepts clients."""
 
     proxy: ProxyListening
-    runtime: ProxyRuntime
-
-
-def build_runtime(config: Config) -> ProxyRuntime:
-    """The data plane's shared state for ``config``: the backend pool with the static servers."""
-    pool = BackendPool(make_balancer(config.balancer.algorithm))
-    for server in config.servers:
-        try:
-            backend = Backend.from_url(
-                server.name,
-                server.url,
-                capacity=server.capacity,
-                weight=server.weight,
-                tags=server.tags,
-            )
-        except ValueError as exc:  # config validation makes this unreachable; keep the message
-            raise StartupError(f"servers: {server.name}: {exc}") from None
-        pool.add(backend)
-    return ProxyRuntime(config=config.proxy, pool=pool)
+    runtime: Runtime
 
 
 async def serve_atlas(
@@ -68,7 +50,7 @@ async def serve_atlas(
     cannot start (the listen address is in use, ...).
     """
     shutdown = shutdown if shutdown is not None else trio.Event()
-    runtime = build_runtime(config)
+    runtime = Runtime.from_config(config)
     try:
         async with trio.open_nursery() as root:
             proxy_done = trio.Event()

@@ -11,7 +11,17 @@ import trio
 
 from atlas.proxy.session import ClientSession
 
-__all__ = ["ClientRegistry", "ClientStatistics"]
+__all__ = ["ClientRegistry", "ClientStatistics", "TrafficTotals"]
+
+
+@attrs.frozen
+class TrafficTotals:
+    """Messages and bytes relayed each way, over live and ended sessions."""
+
+    messages_up: int = 0
+    messages_down: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
 
 
 @attrs.frozen
@@ -37,6 +47,8 @@ class ClientRegistry:
         self.accepted_total = 0
         self.refused_total = 0
         self._emptied: trio.Event | None = None
+        # Traffic of sessions that have ended (live ones are read from the sessions themselves).
+        self._ended = TrafficTotals()
 
     def new_id(self) -> str:
         """A fresh client id."""
@@ -48,8 +60,16 @@ class ClientRegistry:
         self.accepted_total += 1
 
     def discard(self, client_id: str) -> None:
-        """Forget a session (safe to call twice)."""
-        self._sessions.pop(client_id, None)
+        """Forget a session (safe to call twice), keeping its traffic in the totals."""
+        session = self._sessions.pop(client_id, None)
+        if session is not None:
+            ended = self._ended
+            self._ended = TrafficTotals(
+                ended.messages_up + session.messages_up,
+                ended.messages_down + session.messages_down,
+                ended.bytes_up + session.bytes_up,
+                ended.bytes_down + session.bytes_down,
+            )
         if not self._sessions and self._emptied is not None:
             self._emptied.set()
 
@@ -68,6 +88,17 @@ class ClientRegistry:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def traffic_totals(self) -> TrafficTotals:
+        """Messages and bytes relayed each way so far, by every session live or ended."""
+        ended = self._ended
+        live = list(self._sessions.values())
+        return TrafficTotals(
+            ended.messages_up + sum(s.messages_up for s in live),
+            ended.messages_down + sum(s.messages_down for s in live),
+            ended.bytes_up + sum(s.bytes_up for s in live),
+            ended.bytes_down + sum(s.bytes_down for s in live),
+        )
 
     def statistics(self) -> ClientStatistics:
         """Counters as a frozen snapshot."""

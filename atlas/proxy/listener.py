@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import ssl
 from typing import TYPE_CHECKING
 
 import attrs
@@ -30,7 +29,6 @@ import h11
 import trio
 
 from atlas.errors import HandshakeError, StartupError
-from atlas.proxy.clients import ClientRegistry
 from atlas.proxy.frames import CloseCode, FrameScanner
 from atlas.proxy.handshake import (
     BackendHandshake,
@@ -44,25 +42,12 @@ from atlas.proxy.handshake import (
 from atlas.proxy.session import BackendLink, ClientSession, Ending
 
 if TYPE_CHECKING:
-    from atlas.config import ProxyConfig
-    from atlas.pool import Backend, BackendPool
+    from atlas.pool import Backend
+    from atlas.runtime import Runtime
 
-__all__ = ["ProxyListening", "ProxyRuntime", "handle_client", "serve_proxy"]
+__all__ = ["ProxyListening", "handle_client", "serve_proxy"]
 
 log = logging.getLogger("atlas.proxy")
-
-
-@attrs.define(eq=False)
-class ProxyRuntime:
-    """What the data plane shares: settings, the backend pool and the client directory."""
-
-    config: ProxyConfig
-    pool: BackendPool
-    clients: ClientRegistry = attrs.field(factory=ClientRegistry)
-    backend_ssl: ssl.SSLContext | None = None
-    accepting: bool = True
-    handshaking: int = 0
-    """Clients between accept and the end of their handshakes (they count toward the limit)."""
 
 
 @attrs.frozen
@@ -88,6 +73,18 @@ def _peer(stream: trio.SocketStream) -> tuple[str, str]:
     return host, text
 
 
+#: Metric label of each refusal status.
+_REFUSAL_REASONS = {
+    502: "backend_failed",
+    503: "unavailable",
+    504: "handshake_timeout",
+    426: "not_websocket",
+    405: "bad_request",
+    400: "bad_request",
+    431: "bad_request",
+}
+
+
 async def _refuse(
     stream: trio.abc.Stream, conn: h11.Connection | None, exc: HandshakeError, retry_after: int
 ) -> None:
@@ -99,7 +96,7 @@ async def _refuse(
 
 
 async def _connect_backend(
-    runtime: ProxyRuntime,
+    runtime: Runtime,
     request: UpgradeRequest,
     *,
     client_ip: str,
@@ -110,7 +107,7 @@ async def _connect_backend(
     The chosen backend is acquired in the pool (its connection count includes this client); the caller
     releases it when the client leaves. Raises :class:`HandshakeError` 503 or 502.
     """
-    config = runtime.config
+    config = runtime.proxy
     pool = runtime.pool
     tried: set[str] = set()
     last_error = "no backend available"
@@ -137,14 +134,14 @@ async def _connect_backend(
 
 
 async def _open_link(
-    runtime: ProxyRuntime,
+    runtime: Runtime,
     backend: Backend,
     request: UpgradeRequest,
     client_ip: str,
     client_id: str,
 ) -> BackendLink:
     """Open one backend link within ``connect_timeout``; raise :class:`HandshakeError` on failure."""
-    config = runtime.config
+    config = runtime.proxy
     headers = backend_request_headers(
         request,
         host=backend.host,
@@ -162,7 +159,7 @@ async def _open_link(
             backend.port,
             target,
             headers,
-            ssl_context=_backend_ssl(runtime) if backend.secure else None,
+            ssl_context=runtime.backend_ssl_context() if backend.secure else None,
         )
     if shake is None:
         raise HandshakeError(502, "connect timed out")
@@ -195,12 +192,6 @@ def _backend_target(base: str, client_target: bytes) -> bytes:
     return path + b"?" + query if query else path
 
 
-def _backend_ssl(runtime: ProxyRuntime) -> ssl.SSLContext:
-    if runtime.backend_ssl is None:
-        runtime.backend_ssl = ssl.create_default_context()
-    return runtime.backend_ssl
-
-
 class _Prepended(trio.abc.Stream):
     """A stream that first yields some already-received bytes, then reads its inner stream."""
 
@@ -228,7 +219,7 @@ class _Prepended(trio.abc.Stream):
         await self._inner.aclose()
 
 
-async def handle_client(runtime: ProxyRuntime, stream: trio.SocketStream) -> None:
+async def handle_client(runtime: Runtime, stream: trio.SocketStream) -> None:
     """Serve one accepted connection from its upgrade request to its last byte."""
     clients = runtime.clients
     client_ip, peer = _peer(stream)
@@ -242,7 +233,7 @@ async def handle_client(runtime: ProxyRuntime, stream: trio.SocketStream) -> Non
     if accepted is None:
         return
     link, pending = accepted
-    config = runtime.config
+    config = runtime.proxy
     session = ClientSession(
         client_id=client_id,
         peer=peer,
@@ -254,12 +245,15 @@ async def handle_client(runtime: ProxyRuntime, stream: trio.SocketStream) -> Non
         pending=pending,
     )
     clients.add(session)
+    handshake = trio.current_time() - started
+    runtime.metrics.accepted.inc()
+    runtime.metrics.handshake_seconds.observe(handshake)
     log.info(
         "client %s connected from %s -> %s (handshake %.1f ms)",
         client_id,
         peer,
         link.backend.name,
-        (trio.current_time() - started) * 1000,
+        handshake * 1000,
         extra={"client": client_id, "peer": peer, "server": link.backend.name, "event": "connect"},
     )
     if not runtime.accepting:
@@ -284,14 +278,14 @@ async def handle_client(runtime: ProxyRuntime, stream: trio.SocketStream) -> Non
 
 
 async def _handshake(
-    runtime: ProxyRuntime, stream: trio.SocketStream, *, client_id: str, client_ip: str, peer: str
+    runtime: Runtime, stream: trio.SocketStream, *, client_id: str, client_ip: str, peer: str
 ) -> tuple[BackendLink, bytes] | None:
     """Both handshakes within ``handshake_timeout``: the link and the client's early bytes, or None.
 
     Every refusal is answered (when there is someone to answer), logged and counted here; the client
     stream is closed on every path that returns None.
     """
-    config = runtime.config
+    config = runtime.proxy
     clients = runtime.clients
     conn: h11.Connection | None = None
     refusal: HandshakeError | None = None
@@ -329,6 +323,7 @@ async def _handshake(
         pass
     if refusal is not None:
         clients.refused_total += 1
+        runtime.metrics.refused.labels(_REFUSAL_REASONS.get(refusal.status, "bad_request")).inc()
         log.info(
             "client %s from %s refused: %d %s",
             client_id,
@@ -342,12 +337,12 @@ async def _handshake(
     return None
 
 
-async def _sweep_idle(runtime: ProxyRuntime) -> None:
+async def _sweep_idle(runtime: Runtime) -> None:
     """Close sessions that moved no byte either way for ``idle_timeout`` seconds.
 
     One task for all sessions, comparing activity counters between sweeps: the relay pays nothing.
     """
-    timeout = runtime.config.idle_timeout
+    timeout = runtime.proxy.idle_timeout
     if timeout <= 0:
         return
     period = min(timeout / 4, 5.0)
@@ -367,7 +362,7 @@ async def _sweep_idle(runtime: ProxyRuntime) -> None:
 
 
 async def serve_proxy(
-    runtime: ProxyRuntime,
+    runtime: Runtime,
     *,
     shutdown: trio.Event,
     task_status: trio.TaskStatus[ProxyListening] = trio.TASK_STATUS_IGNORED,
@@ -377,7 +372,7 @@ async def serve_proxy(
     Reports :class:`ProxyListening` once the sockets accept. Raises :class:`StartupError` (one line)
     when the listen address cannot be bound.
     """
-    address = runtime.config.listen_address
+    address = runtime.proxy.listen_address
     try:
         listeners = await trio.open_tcp_listeners(address.port, host=address.host or None)
     except OSError as exc:
@@ -411,13 +406,13 @@ async def serve_proxy(
         listener_nursery.cancel_scope.cancel()
 
 
-async def _drain(runtime: ProxyRuntime) -> None:
+async def _drain(runtime: Runtime) -> None:
     """Ask every session to close with 1001 and wait up to ``drain_timeout`` for them to finish."""
     sessions = list(runtime.clients)
-    log.info("draining %d client(s), deadline %.1f s", len(sessions), runtime.config.drain_timeout)
+    log.info("draining %d client(s), deadline %.1f s", len(sessions), runtime.proxy.drain_timeout)
     for session in sessions:
         session.close(CloseCode.GOING_AWAY, "server shutting down")
-    with trio.move_on_after(runtime.config.drain_timeout):
+    with trio.move_on_after(runtime.proxy.drain_timeout):
         await runtime.clients.wait_empty()
     left = len(runtime.clients)
     if left:

@@ -1,0 +1,1 @@
+"""The ops plane: metrics, the admin HTTP API and Horizon-compatible registration."""
