@@ -40,13 +40,18 @@ from cattrs.preconf.tomllib import make_converter
 from atlas.errors import ConfigError
 
 __all__ = [
+    "AdminConfig",
     "Algorithm",
     "BalancerConfig",
     "Config",
+    "FailoverConfig",
+    "HealthConfig",
     "ListenAddress",
     "LogFormat",
     "LogLevel",
     "LoggingConfig",
+    "OutlierConfig",
+    "ProbeKind",
     "ProxyConfig",
     "ServerConfig",
     "WsUrl",
@@ -424,6 +429,90 @@ class LoggingConfig:
     """``text`` for people, ``json`` (one object per line) for machines."""
 
 
+ProbeKind = Literal["websocket", "http", "tcp"]
+"""The active health-check probes `HealthConfig.probe` accepts."""
+
+
+def _percent(_instance: object, _attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= 100:
+        raise ValueError(f"must be 0..100, got {value}")
+
+
+def _validate_path(_instance: object, _attribute: attrs.Attribute[str], value: str) -> None:
+    if not value.startswith("/"):
+        raise ValueError(f"must start with '/', got {value!r}")
+
+
+@attrs.frozen
+class HealthConfig:
+    """The ``[health]`` table: active health checks, one checker per backend (Envoy-shaped)."""
+
+    enabled: bool = True
+    """Probe every backend; off, only passive signals (outlier detection) change a backend's health."""
+    probe: ProbeKind = attrs.field(default="websocket", validator=_one_of(ProbeKind))
+    """``websocket`` (a full opening handshake, then a clean close), ``http`` (GET, 2xx/3xx is healthy)
+    or ``tcp`` (connect only)."""
+    path: str = attrs.field(default="/", validator=_validate_path)
+    """Request path of the ``websocket`` and ``http`` probes."""
+    interval: float = attrs.field(default=5.0, validator=_seconds(allow_zero=False))
+    """Seconds between two probes of one backend."""
+    timeout: float = attrs.field(default=2.0, validator=_seconds(allow_zero=False))
+    """Seconds one probe may take before it counts as a failure."""
+    jitter: float = attrs.field(default=0.5, validator=_seconds(allow_zero=True))
+    """Up to this many random seconds added to each interval, so probes do not align."""
+    unhealthy_threshold: int = attrs.field(default=3, validator=_at_least(1))
+    """Consecutive failed probes that make a healthy backend unhealthy."""
+    healthy_threshold: int = attrs.field(default=2, validator=_at_least(1))
+    """Consecutive successful probes that make an unhealthy backend healthy again."""
+    heartbeat_timeout: float = attrs.field(default=90.0, validator=_seconds(allow_zero=False))
+    """Registered (Horizon) servers: seconds without a heartbeat before Atlas probes the server and drops
+    it once the probes fail."""
+
+
+@attrs.frozen
+class OutlierConfig:
+    """The ``[outlier]`` table: passive outlier detection from real client traffic."""
+
+    enabled: bool = True
+    """Eject backends that keep failing real connections."""
+    consecutive_failures: int = attrs.field(default=5, validator=_at_least(1))
+    """Consecutive connect/handshake failures or abnormal closes that eject a backend."""
+    base_ejection_time: float = attrs.field(default=30.0, validator=_seconds(allow_zero=False))
+    """Seconds of the first ejection; each further ejection doubles it (exponential back-off)."""
+    max_ejection_time: float = attrs.field(default=300.0, validator=_seconds(allow_zero=False))
+    """Cap on one ejection's length."""
+    max_ejection_percent: int = attrs.field(default=50, validator=_percent)
+    """Never eject more than this share of the backends at once (at least one is always allowed)."""
+
+
+@attrs.frozen
+class FailoverConfig:
+    """The ``[failover]`` table: moving live clients off a backend that died or was ejected."""
+
+    enabled: bool = True
+    """Reconnect a failed backend's clients to healthy backends, keeping their connections open."""
+    notice: str = ""
+    """Text message sent to a client after it was moved (empty: none)."""
+    timeout: float = attrs.field(default=10.0, validator=_seconds(allow_zero=False))
+    """Seconds one client's failover may take (finding and connecting a new backend)."""
+    hold_limit: int = attrs.field(default=1048576, validator=_at_least(1024))
+    """Bytes of client messages held during a switch; past it Atlas stops reading from that client."""
+
+
+@attrs.frozen
+class AdminConfig:
+    """The ``[admin]`` table: the ops HTTP server (admin API, metrics, Horizon registration)."""
+
+    enabled: bool = True
+    """Run the ops server."""
+    listen: str = attrs.field(default="127.0.0.1:9001", validator=_validate_listen)
+    """Address of the ops server; a non-loopback address requires a `token`."""
+    token: str = ""
+    """Bearer token required on every admin endpoint (empty: none, allowed on loopback only)."""
+    heartbeat_interval: int = attrs.field(default=30, validator=_at_least(1))
+    """Heartbeat interval told to registering (Horizon) servers, in seconds."""
+
+
 @attrs.frozen
 class Config:
     """A whole Atlas configuration.
@@ -444,6 +533,14 @@ class Config:
     """The ``[[servers]]`` entries, in file order; names are unique."""
     logging: LoggingConfig = LoggingConfig()
     """The ``[logging]`` table."""
+    health: HealthConfig = HealthConfig()
+    """The ``[health]`` table."""
+    outlier: OutlierConfig = OutlierConfig()
+    """The ``[outlier]`` table."""
+    failover: FailoverConfig = FailoverConfig()
+    """The ``[failover]`` table."""
+    admin: AdminConfig = AdminConfig()
+    """The ``[admin]`` table."""
 
     @classmethod
     def default(cls) -> Config:
@@ -540,7 +637,17 @@ def write_default_config(path: str | os.PathLike[str], *, force: bool = False) -
 
 _converter = make_converter(forbid_extra_keys=True)
 
-_RECORDS = (ProxyConfig, BalancerConfig, ServerConfig, LoggingConfig, Config)
+_RECORDS = (
+    ProxyConfig,
+    BalancerConfig,
+    ServerConfig,
+    LoggingConfig,
+    HealthConfig,
+    OutlierConfig,
+    FailoverConfig,
+    AdminConfig,
+    Config,
+)
 
 
 def _describe(value: object) -> str:

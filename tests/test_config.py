@@ -13,13 +13,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from atlas.config import (
+    AdminConfig,
     Algorithm,
     BalancerConfig,
     Config,
+    FailoverConfig,
+    HealthConfig,
     ListenAddress,
     LogFormat,
     LoggingConfig,
     LogLevel,
+    OutlierConfig,
     ProxyConfig,
     ServerConfig,
     WsUrl,
@@ -135,7 +139,16 @@ def test_documented_error_example_is_exact() -> None:
 
 def test_docs_describe_every_key() -> None:
     markdown = DOCS.read_text(encoding="utf-8")
-    for record in (ProxyConfig, BalancerConfig, ServerConfig, LoggingConfig):
+    for record in (
+        ProxyConfig,
+        BalancerConfig,
+        ServerConfig,
+        LoggingConfig,
+        HealthConfig,
+        OutlierConfig,
+        FailoverConfig,
+        AdminConfig,
+    ):
         for field in record.__attrs_attrs__:
             assert f"| `{field.name}` |" in markdown, field.name
 
