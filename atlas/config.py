@@ -511,6 +511,9 @@ class AdminConfig:
     """Bearer token required on every admin endpoint (empty: none, allowed on loopback only)."""
     heartbeat_interval: int = attrs.field(default=30, validator=_at_least(1))
     """Heartbeat interval told to registering (Horizon) servers, in seconds."""
+    allow_registration: bool = True
+    """Accept Horizon-style server registration (it carries no token: keep the ops server on a private
+    network, or switch this off)."""
 
 
 @attrs.frozen

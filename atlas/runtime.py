@@ -14,7 +14,7 @@ import attrs
 from atlas.config import Config, ProxyConfig
 from atlas.errors import StartupError
 from atlas.ops.metrics import AtlasMetrics
-from atlas.pool import Backend, BackendPool, make_balancer
+from atlas.pool import Backend, BackendPool, BackendState, make_balancer
 from atlas.proxy.clients import ClientRegistry
 
 __all__ = ["Runtime"]
@@ -33,6 +33,7 @@ class Runtime:
     """False once the drain has begun: new upgrades are refused with 503."""
     handshaking: int = 0
     """Clients between accept and the end of their handshakes (they count toward the limit)."""
+    _remove_when_empty: set[str] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.metrics = AtlasMetrics(self)
@@ -55,6 +56,35 @@ class Runtime:
                 raise StartupError(f"servers: {server.name}: {exc}") from None
             pool.add(backend)
         return cls(config=config, pool=pool)
+
+    # -- backend membership (the admin API and registrations change it at run time) ---------------
+
+    def add_backend(self, backend: Backend) -> None:
+        """Add a backend at run time; ValueError if the name is taken."""
+        self.pool.add(backend)
+
+    def drain_backend(self, name: str, *, remove: bool = False) -> Backend:
+        """Stop sending new clients to ``name`` (KeyError if unknown); with ``remove``, drop it once empty."""
+        backend = self.pool.get(name)
+        if backend is None:
+            raise KeyError(name)
+        backend.state = BackendState.DRAINING
+        if remove:
+            self._remove_when_empty.add(name)
+            self._maybe_remove(backend)
+        return backend
+
+    def release(self, backend: Backend) -> None:
+        """A client left ``backend``: count it, and drop a backend waiting to be removed once empty."""
+        self.pool.release(backend)
+        if self._remove_when_empty:
+            self._maybe_remove(backend)
+
+    def _maybe_remove(self, backend: Backend) -> None:
+        if backend.connections == 0 and backend.name in self._remove_when_empty:
+            self._remove_when_empty.discard(backend.name)
+            if self.pool.get(backend.name) is backend:
+                self.pool.remove(backend.name)
 
     def backend_ssl_context(self) -> ssl.SSLContext:
         """The TLS context for ``wss://`` backends (the system's trust store), made once."""

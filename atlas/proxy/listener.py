@@ -264,7 +264,7 @@ async def handle_client(runtime: Runtime, stream: trio.SocketStream) -> None:
         ending = await session.run()
     finally:
         clients.discard(client_id)
-        runtime.pool.release(session.link.backend)
+        runtime.release(session.link.backend)
         how = f"{ending.kind.value} {ending.code} {ending.reason}" if ending else "cancelled"
         log.info(
             "client %s disconnected from %s: %s (messages %d up / %d down)",
