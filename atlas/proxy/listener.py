@@ -120,12 +120,12 @@ async def _connect_backend(
         try:
             link = await _open_link(runtime, backend, request, client_ip, client_id)
         except HandshakeError as exc:
-            pool.release(backend)
+            runtime.release(backend)
             last_error = f"{backend.name}: {exc.reason}"
             log.warning("backend %s failed for client %s: %s", backend.name, client_id, exc.reason)
             continue
         except BaseException:
-            pool.release(backend)
+            runtime.release(backend)
             raise
         return backend, link
     if not tried:
@@ -302,7 +302,7 @@ async def _handshake(
                 response, pending = accept_response(conn, request, subprotocol=link.subprotocol)
                 await stream.send_all(response)
             except BaseException:
-                runtime.pool.release(backend)
+                runtime.release(backend)
                 await trio.aclose_forcefully(link.stream)
                 raise
             return link, pending
