@@ -20,7 +20,7 @@ from trio_websocket import (
     serve_websocket,
 )
 
-from atlas.config import Config, ProxyConfig, ServerConfig
+from atlas.config import Config, FailoverConfig, ProxyConfig, ServerConfig
 from atlas.demo.servers import serve_echo_server
 from atlas.errors import StartupError
 from atlas.proxy.frames import CloseCode
@@ -264,21 +264,68 @@ async def test_headers_path_and_subprotocol_are_forwarded() -> None:
     assert request.proposed_subprotocols == ("game.v1", "game.v2")
 
 
-async def test_backend_that_vanishes_closes_the_client_with_1011() -> None:
+async def _serve_vanishing(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """A backend that answers one message, then drops the TCP connection without a close frame."""
+
     async def handler(request: WebSocketRequest) -> None:
         ws = await request.accept()
-        await ws.get_message()
-        # Drop the TCP connection without a close frame.
-        stream = ws._stream  # the raw stream, to vanish without a close frame
-        await trio.aclose_forcefully(stream)
+        with contextlib.suppress(ConnectionClosed):
+            message = await ws.get_message()
+            await ws.send_message(f"vanishing: {message!s}")
+        await trio.aclose_forcefully(ws._stream)
 
     async with trio.open_nursery() as nursery:
         server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
-        async with running_atlas(_config([server.port])) as atlas, open_ws(_url(atlas)) as ws:
+        task_status.started(server.port)
+
+
+async def test_backend_that_vanishes_closes_the_client_with_1011_without_failover() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_serve_vanishing)
+        config = attrs.evolve(_config([port]), failover=FailoverConfig(enabled=False))
+        async with running_atlas(config) as atlas, open_ws(_url(atlas)) as ws:
             await ws.send_message("bye")
+            assert await ws.get_message() == "vanishing: bye"
             with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
                 await ws.get_message()
             assert _reason(closed.value).code == CloseCode.INTERNAL_ERROR
+        nursery.cancel_scope.cancel()
+
+
+async def test_backend_that_vanishes_with_nowhere_to_go_closes_with_1013() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_serve_vanishing)
+        async with running_atlas(_config([port])) as atlas, open_ws(_url(atlas)) as ws:
+            await ws.send_message("bye")
+            assert await ws.get_message() == "vanishing: bye"
+            with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+            assert _reason(closed.value).code == CloseCode.TRY_AGAIN_LATER
+        nursery.cancel_scope.cancel()
+
+
+async def test_backend_that_vanishes_fails_over_without_closing_the_client() -> None:
+    async with trio.open_nursery() as nursery, echo_backends(1) as ports:
+        vanishing = await nursery.start(_serve_vanishing)
+        config = attrs.evolve(
+            _config([vanishing, ports[0]]), failover=FailoverConfig(notice="moved to another server")
+        )
+        async with running_atlas(config) as atlas:
+            # Least connections with ties in turn: the first client lands on the vanishing server.
+            async with open_ws(_url(atlas)) as ws:
+                assert [b.connections for b in atlas.runtime.pool] == [1, 0]
+                await ws.send_message("one")
+                assert await ws.get_message() == "vanishing: one"
+                with trio.fail_after(5):
+                    assert await ws.get_message() == "moved to another server"
+                for i in range(20):
+                    await ws.send_message(f"after {i}")
+                for i in range(20):
+                    assert await ws.get_message() == f"after {i}"
+                assert [b.connections for b in atlas.runtime.pool] == [0, 1]
+                (session,) = list(atlas.runtime.clients)
+                assert session.failovers == 1
+                assert session.messages_down == 21  # relayed ones; the notice is Atlas's own
         nursery.cancel_scope.cancel()
 
 

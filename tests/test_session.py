@@ -24,12 +24,15 @@ from wsproto.events import (
     TextMessage,
 )
 
+from atlas.config import FailoverConfig
+from atlas.errors import HandshakeError
 from atlas.pool import Backend
 from atlas.proxy.frames import OP_BINARY, OP_TEXT, FrameScanner, ScanState, build_frame
 from atlas.proxy.session import BackendLink, ClientSession, Ending, EndKind
 
 MAX_MESSAGE = 1 << 20
 CLOSE_TIMEOUT = 10.0
+NO_FAILOVER = FailoverConfig(enabled=False)
 
 
 class Peer:
@@ -94,11 +97,46 @@ class Peer:
         return bytes(got)
 
 
+@attrs.define(eq=False)
+class FakeLinks:
+    """A LinkProvider handing out prepared in-memory links (or none: HandshakeError 503)."""
+
+    spare: list[tuple[BackendLink, Peer]] = attrs.Factory(list)
+    closed: list[BackendLink] = attrs.Factory(list)
+    moves: list[tuple[str, str | None]] = attrs.Factory(list)
+    asked: list[frozenset[str]] = attrs.Factory(list)
+
+    def add_backend(self, name: str) -> Peer:
+        near, far = memory_stream_pair()
+        link = BackendLink(
+            backend=Backend.from_url(name, "ws://127.0.0.1:2"),
+            stream=near,
+            scanner=FrameScanner(masked=False, max_message_size=MAX_MESSAGE),
+        )
+        peer = Peer(far, ConnectionType.SERVER)
+        self.spare.append((link, peer))
+        return peer
+
+    async def open_link(self, exclude: frozenset[str]) -> BackendLink:
+        self.asked.append(exclude)
+        await trio.sleep(0.5)  # a backend handshake takes (virtual) time: the client is on hold
+        if not self.spare:
+            raise HandshakeError(503, "no game server can take a new player right now")
+        return self.spare.pop(0)[0]
+
+    def link_closed(self, link: BackendLink) -> None:
+        self.closed.append(link)
+
+    def failed_over(self, session: ClientSession, old: BackendLink, new: BackendLink | None) -> None:
+        self.moves.append((old.backend.name, new.backend.name if new else None))
+
+
 @attrs.define
 class Harness:
     session: ClientSession
     client: Peer
     backend: Peer
+    links: FakeLinks
     ending: Ending | None = None
     done: trio.Event = attrs.Factory(trio.Event)
 
@@ -108,7 +146,12 @@ class Harness:
         return self.ending
 
 
-def make_harness(*, pending: bytes = b"", close_timeout: float = CLOSE_TIMEOUT) -> Harness:
+def make_harness(
+    *,
+    pending: bytes = b"",
+    close_timeout: float = CLOSE_TIMEOUT,
+    failover: FailoverConfig = NO_FAILOVER,
+) -> Harness:
     client_far, client_near = memory_stream_pair()
     backend_near, backend_far = memory_stream_pair()
     link = BackendLink(
@@ -116,11 +159,14 @@ def make_harness(*, pending: bytes = b"", close_timeout: float = CLOSE_TIMEOUT) 
         stream=backend_near,
         scanner=FrameScanner(masked=False, max_message_size=MAX_MESSAGE),
     )
+    links = FakeLinks()
     session = ClientSession(
         client_id="c-1",
         peer="198.51.100.2:40000",
         client_stream=client_near,
         link=link,
+        provider=links,
+        failover=failover,
         max_message_size=MAX_MESSAGE,
         validate_utf8=True,
         close_timeout=close_timeout,
@@ -130,6 +176,7 @@ def make_harness(*, pending: bytes = b"", close_timeout: float = CLOSE_TIMEOUT) 
         session=session,
         client=Peer(client_far, ConnectionType.CLIENT),
         backend=Peer(backend_far, ConnectionType.SERVER),
+        links=links,
     )
 
 
@@ -473,3 +520,79 @@ async def test_client_half_close_after_its_close_frame_still_ends_clean(
         assert (await h.client.expect_close()).code == 1000
 
     assert await h.finished() == Ending(EndKind.CLEAN, 1000, "quick")
+
+
+# -- failover ---------------------------------------------------------------------------------------
+
+
+async def test_failover_moves_the_client_and_holds_its_messages(autojump_clock: MockClock) -> None:
+    h = make_harness(failover=FailoverConfig(notice="moved"))
+    second = h.links.add_backend("b2")
+    async with running(h):
+        await h.client.send(TextMessage(data="m1"))
+        assert await h.backend.next_event() == TextMessage(data="m1")
+        await h.backend.stream.aclose()  # the first backend dies without a Close frame
+        await wait_all_tasks_blocked()
+        # Sent while the session has no backend: held, then delivered to the new one, in order.
+        await h.client.send(TextMessage(data="m2"), TextMessage(data="m3"))
+        assert await h.client.next_event() == TextMessage(data="moved")
+        assert await second.next_event() == TextMessage(data="m2")
+        assert await second.next_event() == TextMessage(data="m3")
+        await second.send(TextMessage(data="from b2"))
+        assert await h.client.next_event() == TextMessage(data="from b2")
+        assert h.links.moves == [("b", "b2")]
+        assert h.links.asked == [frozenset({"b"})]
+        assert h.session.link.backend.name == "b2"
+        await h.client.send(CloseConnection(code=1000))
+        assert (await second.expect_close()).code == 1000
+        await second.send(CloseConnection(code=1000))
+        ending = await h.finished()
+    assert ending.kind is EndKind.CLEAN
+    assert h.session.failovers == 1
+    assert h.session.messages_up == 3
+    assert h.session.messages_down == 1
+    assert [link.backend.name for link in h.links.closed] == ["b", "b2"]
+
+
+async def test_failover_drops_the_rest_of_a_message_cut_in_half(autojump_clock: MockClock) -> None:
+    h = make_harness(failover=FailoverConfig())
+    second = h.links.add_backend("b2")
+    async with running(h):
+        first_half = build_frame(OP_TEXT, b"half", mask=True, fin=False)
+        await h.client.send_raw(first_half)
+        await h.backend.receive_raw(len(first_half))
+        await h.backend.stream.aclose()
+        await wait_all_tasks_blocked()
+        # The end of the cut message, then a whole one: only the whole one reaches the new backend.
+        await h.client.send_raw(build_frame(0x0, b" and the rest", mask=True))
+        await h.client.send_raw(build_frame(OP_TEXT, b"whole", mask=True))
+        h.client.ws = Connection(ConnectionType.CLIENT)  # its own state still thinks it is mid-message
+        assert await second.next_event() == TextMessage(data="whole")
+        assert h.session.up.discarded == 1
+        h.session.close(1001, "test over")
+        await h.client.expect_close()
+        await h.finished()
+
+
+async def test_failover_with_no_backend_left_closes_1013(autojump_clock: MockClock) -> None:
+    async with running(make_harness(failover=FailoverConfig())) as h:
+        await h.backend.stream.aclose()
+        close = await h.client.expect_close()
+        assert close.code == 1013
+        await h.client.send(close.response())
+        ending = await h.finished()
+    assert ending.kind is EndKind.NO_BACKEND
+    assert h.links.moves == [("b", None)]
+
+
+async def test_fail_over_requested_from_outside_moves_a_live_link(autojump_clock: MockClock) -> None:
+    h = make_harness(failover=FailoverConfig())
+    second = h.links.add_backend("b2")
+    async with running(h):
+        h.session.fail_over()  # the health checker gave up on a backend that is still connected
+        await h.backend.expect_eof()
+        await h.client.send(TextMessage(data="after"))
+        assert await second.next_event() == TextMessage(data="after")
+        h.session.close(1001, "test over")
+        await h.client.expect_close()
+        await h.finished()

@@ -192,11 +192,13 @@ class FrameScanner:
     __slots__ = (
         "_buf",
         "_decoder",
+        "_discard",
         "_error_pos",
         "_frame_key",
         "_frame_offset",
         "_frame_text",
         "_fwd_end",
+        "_fwd_start",
         "_in_message",
         "_masked",
         "_max_message",
@@ -209,6 +211,7 @@ class FrameScanner:
         "close_code",
         "close_frame_size",
         "close_reason",
+        "discarded",
         "error",
         "messages",
         "state",
@@ -240,7 +243,11 @@ class FrameScanner:
         self._pending_fin = False
         # The scan loop leaves its results here so the hot path allocates no tuple per call.
         self._fwd_end = 0
+        self._fwd_start = 0
         self._error_pos = 0
+        # Dropping the rest of a message whose start went to a backend that is gone (discard_partial).
+        self._discard = False
+        self.discarded = 0
         self.state = ScanState.OPEN
         self.error: FrameError | None = None
         self.close_code = 0
@@ -263,10 +270,22 @@ class FrameScanner:
         """Bytes received but held back (a partial header or small frame)."""
         return len(self._buf)
 
+    def discard_partial(self) -> bool:
+        """Drop the rest of the message under way (its start went to a backend that is gone).
+
+        The frames that complete the current message are consumed without being forwarded (a Close frame
+        still passes), so the output resumes at a message boundary. Returns whether a message was cut.
+        """
+        if self.at_boundary:
+            return False
+        self._discard = True
+        return True
+
     def feed(self, data: bytes | bytearray) -> bytes | bytearray:
         """Take newly received bytes; return the bytes that may be forwarded now (see the module doc)."""
         if self.state:
             return b""
+        self._fwd_start = 0
         buf = self._buf
         if buf:
             buf += data
@@ -285,21 +304,23 @@ class FrameScanner:
             self.state = ScanState.FAILED
             self.error = exc
             pos = self._error_pos
+            start = min(self._fwd_start, pos)
             if buf:
-                out = bytes(view[:pos])
+                out = bytes(view[start:pos])
                 buf.clear()
                 return out
-            return view[:pos] if pos < n else view
+            return view[start:pos] if start or pos < n else view
+        fwd_start = self._fwd_start
         fwd_end = self._fwd_end
         if buf:
-            out = bytes(buf[:fwd_end])
+            out = bytes(buf[fwd_start:fwd_end])
             del buf[:pos]
             return out
         if pos < n:
             buf += memoryview(view)[pos:]
-        if fwd_end == n:
+        if fwd_end == n and not fwd_start:
             return view
-        return view[:fwd_end]
+        return view[fwd_start:fwd_end]
 
     def _scan(self, view: bytes | bytearray, pos: int, n: int) -> int:
         """Walk frames from ``pos``; return how far input was consumed (``_fwd_end``: how far to forward)."""
@@ -344,11 +365,15 @@ class FrameScanner:
                 if opcode == OP_CLOSE:
                     self._on_close(view, pos + header - (4 if masked else 0), pos + header, end)
                     self.close_frame_size = end - pos
+                    if self._discard:
+                        self._fwd_start = pos
                     self._fwd_end = end
                     self.state = ScanState.CLOSED
                     return n
                 pos = end
                 self._fwd_end = pos
+                if self._discard:
+                    self._fwd_start = pos
                 continue
             # A data frame.
             if opcode == OP_CONTINUATION:
@@ -388,15 +413,26 @@ class FrameScanner:
                 )
                 self._check_text(payload, bool(fin), opcode == OP_CONTINUATION)
             self._message_size = size
+            pos = end
+            self._fwd_end = pos
             if fin:
                 self._in_message = False
                 self._decoder = None
-                self.messages += 1
+                if self._discard:
+                    self._end_discard(pos)
+                else:
+                    self.messages += 1
             else:
                 self._in_message = True
-            pos = end
-            self._fwd_end = pos
+                if self._discard:
+                    self._fwd_start = pos
         return pos
+
+    def _end_discard(self, end: int) -> None:
+        """The message being dropped ended at ``end``: forward again from there."""
+        self._discard = False
+        self._fwd_start = end
+        self.discarded += 1
 
     def _check_text(self, payload: bytes | bytearray, fin: bool, continuation: bool) -> None:
         """Validate one frame's worth of a text message, across fragment boundaries."""
@@ -442,9 +478,14 @@ class FrameScanner:
                 return end
         self._frame_offset += take
         self._remaining -= take
+        self._fwd_end = end
+        if self._discard:
+            self._fwd_start = end
         if not self._remaining and self._pending_fin:
             self._in_message = False
             self._decoder = None
-            self.messages += 1
-        self._fwd_end = end
+            if self._discard:
+                self._end_discard(end)
+            else:
+                self.messages += 1
         return end

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from atlas.pool import Backend
     from atlas.runtime import Runtime
 
-__all__ = ["ProxyListening", "handle_client", "serve_proxy"]
+__all__ = ["ProxyListening", "fail_over_backend", "handle_client", "serve_proxy"]
 
 log = logging.getLogger("atlas.proxy")
 
@@ -101,6 +101,7 @@ async def _connect_backend(
     *,
     client_ip: str,
     client_id: str,
+    exclude: frozenset[str] = frozenset(),
 ) -> tuple[Backend, BackendLink]:
     """Open a link to the best available backend, trying others within the attempt budget.
 
@@ -109,7 +110,7 @@ async def _connect_backend(
     """
     config = runtime.proxy
     pool = runtime.pool
-    tried: set[str] = set()
+    tried: set[str] = set(exclude)
     last_error = "no backend available"
     for _ in range(config.connect_attempts):
         backend = pool.choose(exclude=tried)
@@ -128,9 +129,63 @@ async def _connect_backend(
             runtime.release(backend)
             raise
         return backend, link
-    if not tried:
+    if tried == exclude:
         raise HandshakeError(503, "no game server can take a new player right now")
     raise HandshakeError(502, f"no game server answered ({last_error})")
+
+
+@attrs.define(eq=False)
+class _Links:
+    """The :class:`~atlas.proxy.session.LinkProvider` of one client: its request, its runtime."""
+
+    runtime: Runtime
+    request: UpgradeRequest
+    client_ip: str
+    client_id: str
+
+    async def open_link(self, exclude: frozenset[str]) -> BackendLink:
+        _backend, link = await _connect_backend(
+            self.runtime, self.request, client_ip=self.client_ip, client_id=self.client_id, exclude=exclude
+        )
+        return link
+
+    def link_closed(self, link: BackendLink) -> None:
+        self.runtime.release(link.backend)
+
+    def failed_over(self, session: ClientSession, old: BackendLink, new: BackendLink | None) -> None:
+        metrics = self.runtime.metrics
+        if new is None:
+            metrics.failovers.labels("closed").inc()
+            log.warning(
+                "client %s lost %s and no game server can take it: closing with 1013",
+                session.client_id,
+                old.backend.name,
+                extra={"client": session.client_id, "server": old.backend.name, "event": "failover"},
+            )
+            return
+        metrics.failovers.labels("moved").inc()
+        log.info(
+            "client %s failed over from %s to %s",
+            session.client_id,
+            old.backend.name,
+            new.backend.name,
+            extra={
+                "client": session.client_id,
+                "server": new.backend.name,
+                "from_server": old.backend.name,
+                "event": "failover",
+            },
+        )
+
+
+def fail_over_backend(runtime: Runtime, backend: Backend) -> int:
+    """Move every live client of ``backend`` elsewhere (it died or was ejected); returns how many."""
+    moved = 0
+    for session in runtime.clients:
+        if session.link.backend is backend:
+            session.fail_over()
+            moved += 1
+    return moved
 
 
 async def _open_link(
@@ -232,13 +287,15 @@ async def handle_client(runtime: Runtime, stream: trio.SocketStream) -> None:
         runtime.handshaking -= 1
     if accepted is None:
         return
-    link, pending = accepted
+    request, link, pending = accepted
     config = runtime.proxy
     session = ClientSession(
         client_id=client_id,
         peer=peer,
         client_stream=stream,
         link=link,
+        provider=_Links(runtime, request, client_ip, client_id),
+        failover=runtime.config.failover,
         max_message_size=config.max_message_size,
         validate_utf8=config.validate_utf8,
         close_timeout=config.close_timeout,
@@ -264,7 +321,6 @@ async def handle_client(runtime: Runtime, stream: trio.SocketStream) -> None:
         ending = await session.run()
     finally:
         clients.discard(client_id)
-        runtime.release(session.link.backend)
         how = f"{ending.kind.value} {ending.code} {ending.reason}" if ending else "cancelled"
         log.info(
             "client %s disconnected from %s: %s (messages %d up / %d down)",
@@ -279,7 +335,7 @@ async def handle_client(runtime: Runtime, stream: trio.SocketStream) -> None:
 
 async def _handshake(
     runtime: Runtime, stream: trio.SocketStream, *, client_id: str, client_ip: str, peer: str
-) -> tuple[BackendLink, bytes] | None:
+) -> tuple[UpgradeRequest, BackendLink, bytes] | None:
     """Both handshakes within ``handshake_timeout``: the link and the client's early bytes, or None.
 
     Every refusal is answered (when there is someone to answer), logged and counted here; the client
@@ -305,7 +361,7 @@ async def _handshake(
                 runtime.release(backend)
                 await trio.aclose_forcefully(link.stream)
                 raise
-            return link, pending
+            return request, link, pending
     except HandshakeError as exc:
         refusal = exc if exc.status else None
     except trio.TooSlowError:

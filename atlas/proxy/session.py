@@ -19,25 +19,42 @@ then sends Atlas's own Close frames where a frame boundary allows it, waits a bo
 answers, and closes both streams. A pump cancelled half-way through ``send_all`` marks that direction
 dirty: no frame is injected into a stream that may hold half a frame; that side is just disconnected.
 
+Failover
+--------
+A backend link that ends without a Close frame (the backend died), or that the health checker gives up on
+(:meth:`ClientSession.fail_over`), is *lost*, not the end of the session. The down pump, which owns the
+client's outgoing direction, moves the client: it closes the old link (its scope is cancelled, its stream
+closed, which also wakes an up pump stuck writing to it), asks the :class:`LinkProvider` for a link to
+another backend within ``[failover] timeout``, installs it and carries on relaying. Meanwhile the up pump
+waits on ``_switching`` and reads nothing more from the client, so what the client sends is held by the
+kernel (bounded: the client's writes block when the socket buffers fill: backpressure, never loss), then
+goes to the new backend. A chunk that the dead backend refused is sent again to the new one when it holds
+whole messages; a message cut in half by the failure cannot be completed and the rest of it is dropped
+(``FrameScanner.discard_partial``). When no backend can take the client it is closed with 1013. A
+transfer (a move whose source is still alive) reuses these steps.
+
 Nothing here logs per message; counters are plain integers read by the ops plane.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import attrs
 import trio
 
-from atlas.proxy.frames import CloseCode, FrameScanner, ScanState, build_close
+from atlas.errors import HandshakeError
+from atlas.proxy.frames import OP_TEXT, CloseCode, FrameScanner, ScanState, build_close, build_frame
 
 if TYPE_CHECKING:
+    from atlas.config import FailoverConfig
     from atlas.pool import Backend
 
-__all__ = ["BackendLink", "ClientSession", "EndKind", "Ending"]
+__all__ = ["BackendLink", "ClientSession", "EndKind", "Ending", "LinkProvider"]
 
 log = logging.getLogger("atlas.proxy")
 
@@ -61,6 +78,8 @@ class EndKind(enum.Enum):
     """The backend broke RFC 6455."""
     REQUESTED = "requested"
     """Atlas closed the session (drain, idle timeout, an operator)."""
+    NO_BACKEND = "no_backend"
+    """The backend was lost and no other backend could take the client."""
 
 
 @attrs.frozen
@@ -80,6 +99,29 @@ class BackendLink:
     stream: trio.abc.Stream
     scanner: FrameScanner
     subprotocol: str | None = None
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    """The scope of this link's down pump; cancelling it tears the link down."""
+    lost: bool = False
+    """The link failed (or was given up) while the session goes on: the session fails over."""
+    abnormal: bool = False
+    """The backend's side ended without a Close frame (a passive health signal)."""
+    closed: bool = False
+
+
+class LinkProvider(Protocol):
+    """What a session needs from the data plane to open and close backend links."""
+
+    async def open_link(self, exclude: frozenset[str]) -> BackendLink:
+        """A link to the best available backend not in ``exclude``; raises HandshakeError (502/503)."""
+        ...
+
+    def link_closed(self, link: BackendLink) -> None:
+        """``link`` is closed for good: release its backend, record passive health signals."""
+        ...
+
+    def failed_over(self, session: ClientSession, old: BackendLink, new: BackendLink | None) -> None:
+        """A failover finished: moved to ``new``, or found no backend (``None``)."""
+        ...
 
 
 class ClientSession:
@@ -97,6 +139,8 @@ class ClientSession:
         peer: str,
         client_stream: trio.abc.Stream,
         link: BackendLink,
+        provider: LinkProvider,
+        failover: FailoverConfig,
         max_message_size: int,
         validate_utf8: bool,
         close_timeout: float,
@@ -107,7 +151,14 @@ class ClientSession:
         self.connected_at = time.time()
         self.client_stream = client_stream
         self.link = link
+        self.provider = provider
+        self.failover = failover
         self.close_timeout = close_timeout
+        self.failovers = 0
+        # Messages relayed down by earlier links (the current link's scanner counts from zero).
+        self._down_before = 0
+        # Set while the client has no usable backend link: the up pump waits on it.
+        self._switching: trio.Event | None = None
         self.up = FrameScanner(masked=True, max_message_size=max_message_size, validate_utf8=validate_utf8)
         self.bytes_up = 0
         self.bytes_down = 0
@@ -132,7 +183,7 @@ class ClientSession:
     @property
     def messages_down(self) -> int:
         """Complete messages relayed to the client."""
-        return self.link.scanner.messages
+        return self._down_before + self.link.scanner.messages
 
     def activity(self) -> int:
         """A number that changes whenever bytes move either way (the idle sweeper compares it)."""
@@ -143,6 +194,18 @@ class ClientSession:
     def close(self, code: int, reason: str) -> None:
         """End the session: Close ``code``/``reason`` to the client, 1001 to the backend."""
         self._end(Ending(EndKind.REQUESTED, code, reason))
+
+    def fail_over(self) -> None:
+        """Give up the current backend (dead, hung or ejected) and move the client to another one."""
+        self._lose(self.link)
+
+    def _lose(self, link: BackendLink) -> None:
+        """Mark ``link`` lost: the up pump holds, the down pump's scope is cancelled and it fails over."""
+        if link is self.link and not link.lost:
+            link.lost = True
+            if self._switching is None:
+                self._switching = trio.Event()
+            link.scope.cancel()
 
     def _end(self, ending: Ending) -> None:
         if self.ending is None:
@@ -170,8 +233,15 @@ class ClientSession:
             await self._finish(self.ending)
         finally:
             await trio.aclose_forcefully(self.client_stream)
-            await trio.aclose_forcefully(self.link.stream)
+            await self._close_link(self.link)
         return self.ending
+
+    async def _close_link(self, link: BackendLink) -> None:
+        if not link.closed:
+            link.closed = True
+            link.scope.cancel()
+            await trio.aclose_forcefully(link.stream)
+            self.provider.link_closed(link)
 
     # -- the pumps ---------------------------------------------------------------------------------
 
@@ -192,15 +262,10 @@ class ClientSession:
         """Scan and forward client bytes; return False once the up direction is finished."""
         self.bytes_up += len(data)
         scanner = self.up
+        whole = scanner.at_boundary
         out = scanner.feed(data)
         if out:
-            self._up_dirty = True
-            try:
-                await self.link.stream.send_all(out)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._end(Ending(EndKind.BACKEND_GONE, CloseCode.INTERNAL_ERROR, "backend went away"))
-                return False
-            self._up_dirty = False
+            await self._send_up(out, whole and scanner.at_boundary)
         if not scanner.state:
             return True
         if scanner.state is ScanState.CLOSED:
@@ -224,8 +289,43 @@ class ClientSession:
             self._end(error)
         return False
 
+    async def _send_up(self, out: bytes | bytearray, whole_messages: bool) -> None:
+        """Send client bytes to the current backend link, or across a failover to the next one.
+
+        ``whole_messages``: ``out`` starts and ends at message boundaries, so if the link fails under it,
+        it can be sent again to the new backend (the dead one processed none of it).
+        """
+        while True:
+            if self._switching is not None:
+                await self._switching.wait()
+            link = self.link
+            self._up_dirty = True
+            try:
+                await link.stream.send_all(out)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._up_dirty = False
+                link.abnormal = True
+                self._lose(link)
+                if whole_messages:
+                    continue
+                # Part of a message went to the dead backend: the rest of it cannot follow elsewhere.
+                self.up.discard_partial()
+                return
+            self._up_dirty = False
+            return
+
     async def _pump_down(self) -> None:
-        link = self.link
+        """Relay backend to client over the current link; across failovers, over the next ones."""
+        while True:
+            link = self.link
+            with link.scope:
+                await self._relay_down(link)
+            if not link.lost:
+                return
+            if not await self._fail_over(link):
+                return
+
+    async def _relay_down(self, link: BackendLink) -> None:
         receive = link.stream.receive_some
         scanner = link.scanner
         send_all = self.client_stream.send_all
@@ -235,7 +335,9 @@ class ClientSession:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
-                self._end(Ending(EndKind.BACKEND_GONE, CloseCode.INTERNAL_ERROR, "backend went away"))
+                # The backend vanished without a Close frame: fail over (or end, if that is off).
+                link.abnormal = True
+                self._lose(link)
                 return
             self.bytes_down += len(data)
             out = scanner.feed(data)
@@ -260,6 +362,43 @@ class ClientSession:
                     assert scanner.error is not None
                     self._end(Ending(EndKind.BACKEND_ERROR, scanner.error.code, scanner.error.reason))
                 return
+
+    async def _fail_over(self, old: BackendLink) -> bool:
+        """Move the client off the lost link ``old``; return False if the session ended instead."""
+        try:
+            self._down_before += old.scanner.messages
+            old.scanner.messages = 0
+            await self._close_link(old)
+            if not self.failover.enabled or self._closed_to_backend or self._closed_to_client:
+                self._end(Ending(EndKind.BACKEND_GONE, CloseCode.INTERNAL_ERROR, "backend went away"))
+                return False
+            if self._down_dirty or not old.scanner.at_boundary:
+                # The client holds part of a message from the dead backend: nothing can complete it.
+                self._end(Ending(EndKind.BACKEND_GONE, CloseCode.INTERNAL_ERROR, "backend went away"))
+                return False
+            self.up.discard_partial()
+            new: BackendLink | None = None
+            with trio.move_on_after(self.failover.timeout), contextlib.suppress(HandshakeError):
+                new = await self.provider.open_link(frozenset({old.backend.name}))
+            self.provider.failed_over(self, old, new)
+            if new is None:
+                self._end(Ending(EndKind.NO_BACKEND, CloseCode.TRY_AGAIN_LATER, "no game server available"))
+                return False
+            self.link = new
+            self.failovers += 1
+            if self.failover.notice:
+                notice = build_frame(OP_TEXT, self.failover.notice.encode("utf-8"), mask=False)
+                self._down_dirty = True
+                await self.client_stream.send_all(notice)
+                self._down_dirty = False
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
+            return False
+        finally:
+            if self._switching is not None:
+                self._switching.set()
+                self._switching = None
 
     def _close_relayed(self) -> None:
         """A Close frame passed one way: finish when both have, else give the other side a deadline."""
@@ -287,8 +426,8 @@ class ClientSession:
         elif kind is EndKind.BACKEND_ERROR:
             to_backend = (ending.code, ending.reason)
             to_client = (CloseCode.INTERNAL_ERROR, "backend error")
-        elif kind is EndKind.BACKEND_GONE:
-            to_client = (CloseCode.INTERNAL_ERROR, "backend went away")
+        elif kind in (EndKind.BACKEND_GONE, EndKind.NO_BACKEND):
+            to_client = (ending.code, ending.reason)
         elif kind is EndKind.CLIENT_GONE:
             to_backend = (CloseCode.GOING_AWAY, "client went away")
         elif kind is EndKind.CLOSE_TIMEOUT:
