@@ -596,3 +596,84 @@ async def test_fail_over_requested_from_outside_moves_a_live_link(autojump_clock
         h.session.close(1001, "test over")
         await h.client.expect_close()
         await h.finished()
+
+
+# -- transfer steps --------------------------------------------------------------------------------
+
+
+async def test_transfer_steps_cut_over_without_loss_or_reorder(autojump_clock: MockClock) -> None:
+    h = make_harness()
+    target = h.links.add_backend("b2")
+    new_link = h.links.spare.pop()[0]
+    async with running(h):
+        for i in range(3):
+            await h.client.send(TextMessage(data=f"m{i}"))
+        for i in range(3):
+            assert await h.backend.next_event() == TextMessage(data=f"m{i}")
+        assert await h.session.hold_client() == 3
+        # Sent during the hold: kept for the target, not given to the source.
+        await h.client.send(TextMessage(data="m3"), TextMessage(data="m4"))
+        await h.backend.send(TextMessage(data="s0"), TextMessage(data="s1"))
+        await h.session.cut_backend(2)
+        assert await h.client.next_event() == TextMessage(data="s0")
+        assert await h.client.next_event() == TextMessage(data="s1")
+        await h.backend.send(TextMessage(data="after the cut"))  # the source broke its promise
+        old = h.session.switch_to(new_link)
+        assert old.backend.name == "b"
+        assert await target.next_event() == TextMessage(data="m3")
+        assert await target.next_event() == TextMessage(data="m4")
+        await target.send(TextMessage(data="t0"))
+        assert await h.client.next_event() == TextMessage(data="t0")
+        await h.session.retire_link(old)
+        assert (await h.backend.expect_close()).reason == "transferred"
+        await h.client.send(TextMessage(data="m5"))
+        assert await target.next_event() == TextMessage(data="m5")
+        assert h.session.last_stall is not None
+        h.session.close(1001, "test over")
+        await h.client.expect_close()
+        await h.finished()
+    assert h.session.messages_up == 6
+    assert h.session.messages_down == 3  # s0, s1, t0: "after the cut" never reached the client
+
+
+async def test_transfer_rollback_resumes_the_source_in_order(autojump_clock: MockClock) -> None:
+    async with running(make_harness()) as h:
+        await h.client.send(TextMessage(data="m0"))
+        assert await h.backend.next_event() == TextMessage(data="m0")
+        assert await h.session.hold_client() == 1
+        await h.client.send(TextMessage(data="m1"), TextMessage(data="m2"))
+        await h.backend.send(TextMessage(data="s0"))
+        await h.session.cut_backend(0)
+        await h.backend.send(TextMessage(data="s1"))
+        await wait_all_tasks_blocked()
+        h.session.resume()
+        assert await h.backend.next_event() == TextMessage(data="m1")
+        assert await h.backend.next_event() == TextMessage(data="m2")
+        assert await h.client.next_event() == TextMessage(data="s0")
+        assert await h.client.next_event() == TextMessage(data="s1")
+        await h.client.send(TextMessage(data="m3"))
+        assert await h.backend.next_event() == TextMessage(data="m3")
+        h.session.close(1001, "test over")
+        await h.client.expect_close()
+        await h.finished()
+
+
+async def test_hold_waits_for_the_message_under_way(autojump_clock: MockClock) -> None:
+    async with running(make_harness()) as h:
+        first = build_frame(OP_TEXT, b"he", mask=True, fin=False)
+        await h.client.send_raw(first)
+        await h.backend.receive_raw(len(first))
+        async with trio.open_nursery() as nursery:
+            counted: list[int] = []
+
+            async def hold() -> None:
+                counted.append(await h.session.hold_client())
+
+            nursery.start_soon(hold)
+            await wait_all_tasks_blocked()
+            assert counted == []  # mid-message: the hold waits for the message's end
+            await h.client.send_raw(build_frame(0x0, b"llo", mask=True))
+        assert counted == [1]
+        h.session.resume()
+        h.session.close(1001, "test over")
+        await h.finished()

@@ -36,6 +36,7 @@ import struct
 from typing import Final
 
 __all__ = [
+    "NO_LIMIT",
     "OP_BINARY",
     "OP_CLOSE",
     "OP_CONTINUATION",
@@ -175,6 +176,8 @@ def parse_close(payload: bytes) -> tuple[int, str]:
 
 
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
+NO_LIMIT: Final = 1 << 62
+"""``FrameScanner.limit`` when nothing is held."""
 
 
 class FrameScanner:
@@ -213,6 +216,7 @@ class FrameScanner:
         "close_reason",
         "discarded",
         "error",
+        "limit",
         "messages",
         "state",
     )
@@ -248,6 +252,8 @@ class FrameScanner:
         # Dropping the rest of a message whose start went to a backend that is gone (discard_partial).
         self._discard = False
         self.discarded = 0
+        # Holding: no frame past the message numbered ``limit`` is forwarded (see hold_after).
+        self.limit = NO_LIMIT
         self.state = ScanState.OPEN
         self.error: FrameError | None = None
         self.close_code = 0
@@ -280,6 +286,32 @@ class FrameScanner:
             return False
         self._discard = True
         return True
+
+    def hold_after(self, count: int) -> None:
+        """Forward no frame that follows the ``count``-th message; hold everything after it.
+
+        Held bytes stay in the scanner (see :attr:`buffered`) until :meth:`release`. Control frames are
+        held too, so order is kept.
+        """
+        self.limit = count
+
+    def hold_at_boundary(self) -> int:
+        """Hold from the next message boundary on (the message under way, if any, still passes).
+
+        Returns the number of messages that will have been forwarded when the hold takes effect.
+        """
+        self.limit = self.messages + (0 if self.at_boundary else 1)
+        return self.limit
+
+    @property
+    def held(self) -> bool:
+        """Whether the hold has taken effect: the output stands at the limit, at a message boundary."""
+        return self.messages >= self.limit and self.at_boundary
+
+    def release(self) -> bytes | bytearray:
+        """Lift the hold; return what was held and may be forwarded now (call before any new ``feed``)."""
+        self.limit = NO_LIMIT
+        return self.feed(b"") if self._buf else b""
 
     def feed(self, data: bytes | bytearray) -> bytes | bytearray:
         """Take newly received bytes; return the bytes that may be forwarded now (see the module doc)."""
@@ -326,7 +358,10 @@ class FrameScanner:
         """Walk frames from ``pos``; return how far input was consumed (``_fwd_end``: how far to forward)."""
         self._fwd_end = pos
         masked = self._masked
+        limit = self.limit
         while n - pos >= 2:
+            if self.messages >= limit and not self._in_message:
+                break
             b0 = view[pos]
             b1 = view[pos + 1]
             self._error_pos = pos

@@ -48,7 +48,7 @@ import attrs
 import trio
 
 from atlas.errors import HandshakeError
-from atlas.proxy.frames import OP_TEXT, CloseCode, FrameScanner, ScanState, build_close, build_frame
+from atlas.proxy.frames import NO_LIMIT, OP_TEXT, CloseCode, FrameScanner, ScanState, build_close, build_frame
 
 if TYPE_CHECKING:
     from atlas.config import FailoverConfig
@@ -106,6 +106,10 @@ class BackendLink:
     abnormal: bool = False
     """The backend's side ended without a Close frame (a passive health signal)."""
     closed: bool = False
+    up_base: int = 0
+    """The client's message count when this link became current (what it got = count - up_base)."""
+    stall_from: float | None = None
+    """When the previous link's last message was relayed (a transfer's cut), until this link's first."""
 
 
 class LinkProvider(Protocol):
@@ -159,6 +163,13 @@ class ClientSession:
         self._down_before = 0
         # Set while the client has no usable backend link: the up pump waits on it.
         self._switching: trio.Event | None = None
+        # Transfers: the pumps signal that a hold took effect (``_settled``) and wait for it to be lifted
+        # (``_lifted``); an up pump reading while held does so in ``_held_read`` so a lift can wake it.
+        self._settled = trio.Event()
+        self._lifted = trio.Event()
+        self._held_read: trio.CancelScope | None = None
+        self.hold_limit = failover.hold_limit
+        self.last_stall: float | None = None
         self.up = FrameScanner(masked=True, max_message_size=max_message_size, validate_utf8=validate_utf8)
         self.bytes_up = 0
         self.bytes_down = 0
@@ -198,6 +209,69 @@ class ClientSession:
     def fail_over(self) -> None:
         """Give up the current backend (dead, hung or ejected) and move the client to another one."""
         self._lose(self.link)
+
+    # -- transfers: the steps the coordinator drives (a transfer is a failover whose source lives) ---
+
+    async def hold_client(self) -> int:
+        """Stop relaying the client's messages at the next message boundary.
+
+        Returns, once the hold has taken effect and nothing is in flight, how many client messages the
+        current link received. Later messages are held (bounded: see ``hold_limit``).
+        """
+        self._arm()
+        self.up.hold_at_boundary()
+        while not (self.up.held and not self._up_dirty):
+            await self._settled.wait()
+            self._settled = trio.Event()
+        return self.up.messages - self.link.up_base
+
+    async def cut_backend(self, sent: int | None) -> None:
+        """Relay the current link's messages up to its ``sent``-th (None: the next boundary), then stop."""
+        scanner = self.link.scanner
+        if sent is None:
+            scanner.hold_at_boundary()
+        else:
+            scanner.hold_after(sent)
+        while not (scanner.held and not self._down_dirty):
+            await self._settled.wait()
+            self._settled = trio.Event()
+
+    def switch_to(self, new: BackendLink) -> BackendLink:
+        """Make ``new`` the client's link and lift the holds; returns the old link, still open.
+
+        Call only while both holds are in effect (after :meth:`hold_client` and :meth:`cut_backend`).
+        """
+        old = self.link
+        self._down_before += old.scanner.messages
+        old.scanner.messages = 0
+        new.up_base = self.up.messages
+        new.stall_from = trio.current_time()
+        self.link = new
+        old.scope.cancel()
+        self._lift()
+        return old
+
+    def resume(self) -> None:
+        """Roll back: lift the holds on the current link; held messages flow to it, in order."""
+        self.link.scanner.limit = self.up.limit = NO_LIMIT
+        self._lift()
+
+    async def retire_link(self, link: BackendLink, reason: str = "transferred") -> None:
+        """Close a link a transfer left behind: Close 1000 to its backend, then the stream."""
+        if not link.closed and link.scanner.state is ScanState.OPEN:
+            with trio.move_on_after(self.close_timeout):
+                await self._send_close(link.stream, True, (CloseCode.NORMAL, reason), mask=True)
+        await self._close_link(link)
+
+    def _arm(self) -> None:
+        self._settled = trio.Event()
+        self._lifted = trio.Event()
+
+    def _lift(self) -> None:
+        self.up.limit = NO_LIMIT
+        self._lifted.set()
+        if self._held_read is not None:
+            self._held_read.cancel()
 
     def _lose(self, link: BackendLink) -> None:
         """Mark ``link`` lost: the up pump holds, the down pump's scope is cancelled and it fails over."""
@@ -247,16 +321,43 @@ class ClientSession:
 
     async def _pump_up(self) -> None:
         receive = self.client_stream.receive_some
+        scanner = self.up
         while True:
             try:
-                data = await receive(_RECEIVE_SIZE)
+                if scanner.messages >= scanner.limit:
+                    data = await self._receive_held()
+                else:
+                    data = await receive(_RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
+            if data is None:
+                # The hold was lifted: forward what was held to whichever link is current now.
+                out = scanner.feed(b"")
+                if out:
+                    await self._send_up(out, True)
+                continue
             if not data:
                 self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
                 return
             if not await self._forward_up(data):
                 return
+
+    async def _receive_held(self) -> bytes | bytearray | None:
+        """Read the client while its messages are held; None once the hold is lifted.
+
+        Held bytes stay in the up scanner; past ``hold_limit`` the client is not read at all until the
+        hold is lifted (backpressure, never loss).
+        """
+        if self.up.buffered >= self.hold_limit:
+            await self._lifted.wait()
+            return None
+        with trio.CancelScope() as scope:
+            self._held_read = scope
+            try:
+                return await self.client_stream.receive_some(_RECEIVE_SIZE)
+            finally:
+                self._held_read = None
+        return None
 
     async def _forward_up(self, data: bytes | bytearray) -> bool:
         """Scan and forward client bytes; return False once the up direction is finished."""
@@ -266,6 +367,8 @@ class ClientSession:
         out = scanner.feed(data)
         if out:
             await self._send_up(out, whole and scanner.at_boundary)
+        if scanner.messages >= scanner.limit and scanner.at_boundary:
+            self._settled.set()
         if not scanner.state:
             return True
         if scanner.state is ScanState.CLOSED:
@@ -284,7 +387,7 @@ class ClientSession:
         self._closed_to_backend = True
         self._set_close_deadline()
         if not await self._send_close(
-            self.link.stream, False, scanner, (CloseCode.GOING_AWAY, "client error"), mask=True
+            self.link.stream, True, (CloseCode.GOING_AWAY, "client error"), mask=True
         ):
             self._end(error)
         return False
@@ -320,6 +423,8 @@ class ClientSession:
             link = self.link
             with link.scope:
                 await self._relay_down(link)
+            if self.link is not link:
+                continue  # a transfer switched the client to another link
             if not link.lost:
                 return
             if not await self._fail_over(link):
@@ -329,7 +434,19 @@ class ClientSession:
         receive = link.stream.receive_some
         scanner = link.scanner
         send_all = self.client_stream.send_all
+        stall_from = link.stall_from
         while True:
+            if scanner.messages >= scanner.limit and scanner.at_boundary:
+                # A transfer's cut: nothing more from this link until the hold is lifted (rollback)
+                # or the link is replaced (the scope is cancelled).
+                self._settled.set()
+                await self._lifted.wait()
+                out = scanner.feed(b"")
+                if out:
+                    self._down_dirty = True
+                    await send_all(out)
+                    self._down_dirty = False
+                continue
             try:
                 data = await receive(_RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -352,6 +469,9 @@ class ClientSession:
                     self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
                     return
                 self._down_dirty = False
+                if stall_from is not None:
+                    self.last_stall = trio.current_time() - stall_from
+                    stall_from = link.stall_from = None
             if scanner.state:
                 if self._client_error is not None:
                     self._end(self._client_error)
@@ -441,24 +561,23 @@ class ClientSession:
             wait_client = False
             if to_client and not self._closed_to_client:
                 wait_client = await self._send_close(
-                    self.client_stream, self._down_dirty, self.link.scanner, to_client, mask=False
+                    self.client_stream,
+                    not self._down_dirty and self.link.scanner.at_frame_boundary,
+                    to_client,
+                    mask=False,
                 )
             if to_backend and not self._closed_to_backend:
-                await self._send_close(self.link.stream, self._up_dirty, self.up, to_backend, mask=True)
+                at_boundary = not self._up_dirty and self.up.at_frame_boundary
+                await self._send_close(self.link.stream, at_boundary, to_backend, mask=True)
             if wait_client and self.up.state is ScanState.OPEN:
                 await self._await_close(self.client_stream, self.up)
 
+    @staticmethod
     async def _send_close(
-        self,
-        stream: trio.abc.Stream,
-        dirty: bool,
-        scanner: FrameScanner,
-        close: tuple[int, str],
-        *,
-        mask: bool,
+        stream: trio.abc.Stream, at_boundary: bool, close: tuple[int, str], *, mask: bool
     ) -> bool:
         """Send a Close frame if the stream sits at a frame boundary; return whether it was sent."""
-        if dirty or not scanner.at_frame_boundary:
+        if not at_boundary:
             return False
         try:
             await stream.send_all(build_close(close[0], close[1], mask=mask))
