@@ -54,6 +54,7 @@ __all__ = [
     "ProbeKind",
     "ProxyConfig",
     "ServerConfig",
+    "TransferConfig",
     "WsUrl",
     "parse_ws_url",
     "write_default_config",
@@ -312,6 +313,11 @@ def _validate_url(_instance: object, _attribute: attrs.Attribute[str], value: st
     WsUrl.parse(value)
 
 
+def _validate_optional_url(_instance: object, _attribute: attrs.Attribute[str], value: str) -> None:
+    if value:
+        WsUrl.parse(value)
+
+
 def _validate_name(_instance: object, _attribute: attrs.Attribute[str], value: str) -> None:
     if not value:
         raise ValueError("must not be empty")
@@ -412,6 +418,9 @@ class ServerConfig:
     """Relative share of clients for the weighted algorithms."""
     tags: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple, validator=_validate_tags)
     """Free-form labels (non-empty strings)."""
+    control_url: str = attrs.field(default="", validator=_validate_optional_url)
+    """``ws://`` or ``wss://`` URL of the server's control endpoint (docs/protocol.md); empty: a plain
+    server, which gets blind transfers only."""
 
     @property
     def ws_url(self) -> WsUrl:
@@ -500,6 +509,28 @@ class FailoverConfig:
 
 
 @attrs.frozen
+class TransferConfig:
+    """The ``[transfer]`` table: seamless client transfers, drain and the rebalancer."""
+
+    timeout: float = attrs.field(default=5.0, validator=_seconds(allow_zero=False))
+    """Seconds one transfer may take from request to switch; past it, it rolls back."""
+    drain_rate: float = attrs.field(default=50.0, validator=_seconds(allow_zero=False))
+    """Clients per second a drain moves off a backend (reason ``maintenance``)."""
+    rebalance: bool = False
+    """Move clients from overloaded backends to underloaded ones (reason ``load_balancing``)."""
+    high_watermark: float = attrs.field(default=0.8, validator=_seconds(allow_zero=False))
+    """A backend above this load (connections / capacity) gives clients away."""
+    low_watermark: float = attrs.field(default=0.5, validator=_seconds(allow_zero=True))
+    """A backend below this load takes them."""
+    rebalance_interval: float = attrs.field(default=5.0, validator=_seconds(allow_zero=False))
+    """Seconds between two rebalancing rounds."""
+    rebalance_batch: int = attrs.field(default=10, validator=_at_least(1))
+    """Most clients one rebalancing round moves."""
+    cooldown: float = attrs.field(default=60.0, validator=_seconds(allow_zero=True))
+    """Seconds before the rebalancer moves the same client again."""
+
+
+@attrs.frozen
 class AdminConfig:
     """The ``[admin]`` table: the ops HTTP server (admin API, metrics, Horizon registration)."""
 
@@ -542,6 +573,8 @@ class Config:
     """The ``[outlier]`` table."""
     failover: FailoverConfig = FailoverConfig()
     """The ``[failover]`` table."""
+    transfer: TransferConfig = TransferConfig()
+    """The ``[transfer]`` table."""
     admin: AdminConfig = AdminConfig()
     """The ``[admin]`` table."""
 
@@ -648,6 +681,7 @@ _RECORDS = (
     HealthConfig,
     OutlierConfig,
     FailoverConfig,
+    TransferConfig,
     AdminConfig,
     Config,
 )

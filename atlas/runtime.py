@@ -13,6 +13,7 @@ import attrs
 
 from atlas.config import Config, ProxyConfig
 from atlas.errors import StartupError
+from atlas.health import HealthMonitor
 from atlas.ops.metrics import AtlasMetrics
 from atlas.pool import Backend, BackendPool, BackendState, make_balancer
 from atlas.proxy.clients import ClientRegistry
@@ -28,6 +29,8 @@ class Runtime:
     pool: BackendPool
     clients: ClientRegistry = attrs.field(factory=ClientRegistry)
     metrics: AtlasMetrics = attrs.field(init=False)
+    health: HealthMonitor = attrs.field(init=False)
+    """Backend health: told of membership changes here, of passive signals by the data plane."""
     backend_ssl: ssl.SSLContext | None = None
     accepting: bool = True
     """False once the drain has begun: new upgrades are refused with 503."""
@@ -37,6 +40,9 @@ class Runtime:
 
     def __attrs_post_init__(self) -> None:
         self.metrics = AtlasMetrics(self)
+        self.health = HealthMonitor(
+            self.config.health, self.config.outlier, metrics=self.metrics, backends=self.pool
+        )
 
     @property
     def proxy(self) -> ProxyConfig:
@@ -50,7 +56,12 @@ class Runtime:
         for server in config.servers:
             try:
                 backend = Backend.from_url(
-                    server.name, server.url, capacity=server.capacity, weight=server.weight, tags=server.tags
+                    server.name,
+                    server.url,
+                    capacity=server.capacity,
+                    weight=server.weight,
+                    tags=server.tags,
+                    control_url=server.control_url,
                 )
             except ValueError as exc:  # config validation makes this unreachable; keep the message
                 raise StartupError(f"servers: {server.name}: {exc}") from None
@@ -62,6 +73,7 @@ class Runtime:
     def add_backend(self, backend: Backend) -> None:
         """Add a backend at run time; ValueError if the name is taken."""
         self.pool.add(backend)
+        self.health.backend_added(backend)
 
     def drain_backend(self, name: str, *, remove: bool = False) -> Backend:
         """Stop sending new clients to ``name`` (KeyError if unknown); with ``remove``, drop it once empty."""
@@ -69,6 +81,7 @@ class Runtime:
         if backend is None:
             raise KeyError(name)
         backend.state = BackendState.DRAINING
+        self.health.backend_drained(backend)
         if remove:
             self._remove_when_empty.add(name)
             self._maybe_remove(backend)
@@ -85,6 +98,7 @@ class Runtime:
             self._remove_when_empty.discard(backend.name)
             if self.pool.get(backend.name) is backend:
                 self.pool.remove(backend.name)
+                self.health.backend_removed(backend.name)
 
     def backend_ssl_context(self) -> ssl.SSLContext:
         """The TLS context for ``wss://`` backends (the system's trust store), made once."""

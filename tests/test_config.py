@@ -26,6 +26,7 @@ from atlas.config import (
     OutlierConfig,
     ProxyConfig,
     ServerConfig,
+    TransferConfig,
     WsUrl,
     parse_ws_url,
     write_default_config,
@@ -147,6 +148,7 @@ def test_docs_describe_every_key() -> None:
         HealthConfig,
         OutlierConfig,
         FailoverConfig,
+        TransferConfig,
         AdminConfig,
     ):
         for field in record.__attrs_attrs__:

@@ -88,6 +88,8 @@ class Backend:
         default=BackendState.HEALTHY, validator=attrs.validators.instance_of(BackendState)
     )
     connections: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    control_url: str = ""
+    """The server's control endpoint (``ws://``/``wss://``); empty for a plain server."""
 
     @classmethod
     def from_url(
@@ -98,6 +100,7 @@ class Backend:
         capacity: int = 1000,
         weight: int = 1,
         tags: Iterable[str] = (),
+        control_url: str = "",
     ) -> Backend:
         """Build a healthy, empty backend from a ``ws://`` or ``wss://`` URL.
 
@@ -150,6 +153,7 @@ class Backend:
             capacity=capacity,
             weight=weight,
             tags=tags,
+            control_url=control_url,
         )
 
     @property
