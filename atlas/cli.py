@@ -1,4 +1,7 @@
-"""The ``atlas`` command line: serve, init, check and an interactive client.
+"""The ``atlas`` command line: serve, init, check, an interactive client, and the admin commands.
+
+``status``, ``servers``, ``clients`` and ``drain`` talk to a running Atlas through its admin API
+(`atlas.ops.client.AdminClient`).
 
 Every failure a user can cause (a bad config, a busy port, an unreachable address) ends as one line on
 stderr and a non-zero exit status, never a traceback.
@@ -7,9 +10,12 @@ stderr and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import trio
@@ -20,6 +26,8 @@ from atlas.demo.client import run_client
 from atlas.demo.servers import serve_demo_cluster
 from atlas.errors import ConfigError, StartupError
 from atlas.logs import configure_logging
+from atlas.ops._render import render_clients, render_drain, render_servers, render_status
+from atlas.ops.client import DEFAULT_ADMIN_URL, AdminClient, AdminError
 from atlas.supervisor import run_until_signalled
 
 __all__ = ["main"]
@@ -56,6 +64,20 @@ def _parser() -> argparse.ArgumentParser:
 
     client = commands.add_parser("client", help="an interactive WebSocket client")
     client.add_argument("url", nargs="?", default="ws://127.0.0.1:9000")
+
+    admin = argparse.ArgumentParser(add_help=False)
+    admin.add_argument(
+        "--url",
+        metavar="URL",
+        help=f"admin API address (default: $ATLAS_ADMIN_URL or {DEFAULT_ADMIN_URL})",
+    )
+    admin.add_argument("--token", metavar="TOKEN", help="bearer token (default: $ATLAS_ADMIN_TOKEN)")
+    admin.add_argument("--json", action="store_true", help="print the API's JSON answer as it is")
+    commands.add_parser("status", parents=[admin], help="a running Atlas at a glance")
+    commands.add_parser("servers", parents=[admin], help="list the backend game servers")
+    commands.add_parser("clients", parents=[admin], help="list the connected clients")
+    drain = commands.add_parser("drain", parents=[admin], help="send no new clients to a server")
+    drain.add_argument("name", metavar="NAME", help="server name")
     return parser
 
 
@@ -155,8 +177,35 @@ def _client(args: argparse.Namespace) -> int:
         return 130
 
 
+#: The admin commands: the call each makes, and how its answer reads in a terminal.
+_ADMIN_COMMANDS: dict[str, tuple[Callable[[AdminClient, argparse.Namespace], Any], Callable[[Any], str]]] = {
+    "status": (lambda api, _args: api.status(), render_status),
+    "servers": (lambda api, _args: api.servers(), render_servers),
+    "clients": (lambda api, _args: api.clients(), render_clients),
+    "drain": (lambda api, args: api.drain(args.name), render_drain),
+}
+
+
+def _admin(args: argparse.Namespace) -> int:
+    call, render = _ADMIN_COMMANDS[args.command]
+    url = args.url or os.environ.get("ATLAS_ADMIN_URL") or DEFAULT_ADMIN_URL
+    token = args.token or os.environ.get("ATLAS_ADMIN_TOKEN") or None
+    try:
+        with AdminClient(url, token=token) as api:
+            answer = call(api, args)
+    except AdminError as exc:
+        return _error(str(exc))
+    print(json.dumps(answer, indent=2) if args.json else render(answer))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``atlas`` command line; returns the process exit status."""
     args = _parser().parse_args(argv)
-    handlers = {"serve": _serve, "init": _init, "check": _check, "client": _client}
-    return handlers[args.command](args)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "serve": _serve,
+        "init": _init,
+        "check": _check,
+        "client": _client,
+    }
+    return handlers.get(args.command, _admin)(args)

@@ -8,6 +8,7 @@ parts themselves.
 from __future__ import annotations
 
 import ssl
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -17,6 +18,9 @@ from atlas.health import HealthMonitor
 from atlas.ops.metrics import AtlasMetrics
 from atlas.pool import Backend, BackendPool, BackendState, make_balancer
 from atlas.proxy.clients import ClientRegistry
+
+if TYPE_CHECKING:
+    from atlas.control.coordinator import TransferCoordinator
 
 __all__ = ["Runtime"]
 
@@ -36,6 +40,8 @@ class Runtime:
     """False once the drain has begun: new upgrades are refused with 503."""
     handshaking: int = 0
     """Clients between accept and the end of their handshakes (they count toward the limit)."""
+    transfers: TransferCoordinator | None = None
+    """The transfer coordinator, once the supervisor has started it."""
     _remove_when_empty: set[str] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:

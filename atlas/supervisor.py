@@ -3,10 +3,10 @@
 The tree (docs/architecture.md draws it)::
 
     root nursery (serve_atlas)
-     └─ listener nursery (serve_proxy): accept loops, one task per client session, idle sweeper
-
-Later parts (health checks, the transfer coordinator, the ops server, control channels) join the root
-nursery as siblings of the listener. Shutdown is a drain followed by one cancellation of the root scope:
+     ├─ listener nursery (serve_proxy): accept loops, one task per client session, idle sweeper
+     ├─ control channels (serve_control_channels): one task per backend with a control endpoint
+     └─ transfer coordinator (TransferCoordinator.serve): one task per transfer, each in its own scope
+ Shutdown is a drain followed by one cancellation of the root scope:
 the ``shutdown`` event makes the listener stop accepting and close its clients with 1001 within
 ``drain_timeout``; when it returns, the root scope is cancelled and everything else stops with it.
 """
@@ -21,6 +21,8 @@ import attrs
 import trio
 
 from atlas.config import Config
+from atlas.control.channel import ControlChannels, serve_control_channels
+from atlas.control.coordinator import TransferCoordinator
 from atlas.errors import StartupError
 from atlas.proxy.listener import ProxyListening, serve_proxy
 from atlas.runtime import Runtime
@@ -36,6 +38,7 @@ class AtlasStarted:
 
     proxy: ProxyListening
     runtime: Runtime
+    transfers: TransferCoordinator
 
 
 async def serve_atlas(
@@ -51,8 +54,15 @@ async def serve_atlas(
     """
     shutdown = shutdown if shutdown is not None else trio.Event()
     runtime = Runtime.from_config(config)
+    channels = ControlChannels()
+    transfers = TransferCoordinator(runtime, channels)
+    runtime.transfers = transfers
     try:
         async with trio.open_nursery() as root:
+            await root.start(
+                lambda task_status: serve_control_channels(runtime, channels, task_status=task_status)
+            )
+            await root.start(transfers.serve)
             proxy_done = trio.Event()
 
             async def proxy(task_status: trio.TaskStatus[ProxyListening]) -> None:
@@ -62,7 +72,7 @@ async def serve_atlas(
                     proxy_done.set()
 
             listening: ProxyListening = await root.start(proxy)
-            task_status.started(AtlasStarted(proxy=listening, runtime=runtime))
+            task_status.started(AtlasStarted(proxy=listening, runtime=runtime, transfers=transfers))
             # serve_proxy drains and returns once shutdown is set; then everything else stops.
             await proxy_done.wait()
             root.cancel_scope.cancel()

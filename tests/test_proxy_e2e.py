@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
 
 import attrs
 import h11
@@ -14,9 +13,7 @@ import trio
 from trio_websocket import (
     CloseReason,
     ConnectionClosed,
-    WebSocketConnection,
     WebSocketRequest,
-    open_websocket_url,
     serve_websocket,
 )
 
@@ -25,6 +22,7 @@ from atlas.demo.servers import serve_echo_server
 from atlas.errors import StartupError
 from atlas.proxy.frames import CloseCode
 from atlas.supervisor import AtlasStarted, serve_atlas
+from tests.wsclient import open_ws
 
 
 def _config(ports: Sequence[int], **proxy: object) -> Config:
@@ -54,18 +52,6 @@ async def echo_backends(count: int) -> AsyncIterator[list[int]]:
         ports = [await nursery.start(serve_echo_server, "127.0.0.1", 0) for _ in range(count)]
         yield ports
         nursery.cancel_scope.cancel()
-
-
-@asynccontextmanager
-async def open_ws(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]:
-    """``open_websocket_url`` that also closes its socket when the server closed first.
-
-    trio-websocket's client reader stops at the server's TCP close without closing its own socket,
-    which ``filterwarnings = error`` turns into a ResourceWarning failure.
-    """
-    async with open_websocket_url(url, **kwargs) as ws:
-        yield ws
-    await ws._stream.aclose()
 
 
 def _reason(exc: ConnectionClosed) -> CloseReason:

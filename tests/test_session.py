@@ -124,6 +124,12 @@ class FakeLinks:
             raise HandshakeError(503, "no game server can take a new player right now")
         return self.spare.pop(0)[0]
 
+    async def open_link_to(self, backend: Backend, *, transfer: str, subprotocol: str | None) -> BackendLink:
+        for i, (link, _peer) in enumerate(self.spare):
+            if link.backend.name == backend.name:
+                return self.spare.pop(i)[0]
+        raise HandshakeError(503, f"no spare link to {backend.name}")
+
     def link_closed(self, link: BackendLink) -> None:
         self.closed.append(link)
 

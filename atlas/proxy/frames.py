@@ -308,6 +308,32 @@ class FrameScanner:
         """Whether the hold has taken effect: the output stands at the limit, at a message boundary."""
         return self.messages >= self.limit and self.at_boundary
 
+    def held_messages(self) -> int:
+        """How many data messages end inside the held bytes (walks their headers; for metrics)."""
+        buf = self._buf
+        count = 0
+        pos = 0
+        n = len(buf)
+        while n - pos >= 2:
+            length = buf[pos + 1] & 0x7F
+            header = 2
+            if length == 126:
+                if n - pos < 4:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                header = 4
+            elif length == 127:
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                header = 10
+            if buf[pos + 1] & 0x80:
+                header += 4
+            if buf[pos] & 0x80 and buf[pos] & 0x0F < 0x8:
+                count += 1
+            pos += header + length
+        return count
+
     def release(self) -> bytes | bytearray:
         """Lift the hold; return what was held and may be forwarded now (call before any new ``feed``)."""
         self.limit = NO_LIMIT

@@ -149,8 +149,27 @@ class _Links:
         )
         return link
 
+    async def open_link_to(self, backend: Backend, *, transfer: str, subprotocol: str | None) -> BackendLink:
+        if not backend.available:
+            raise HandshakeError(503, f"{backend.name} cannot take a client now ({backend.state.value})")
+        self.runtime.pool.acquire(backend)
+        try:
+            link = await _open_link(
+                self.runtime, backend, self.request, self.client_ip, self.client_id, transfer=transfer
+            )
+        except BaseException:
+            self.runtime.release(backend)
+            raise
+        if link.subprotocol != subprotocol:
+            await trio.aclose_forcefully(link.stream)
+            self.runtime.release(backend)
+            raise HandshakeError(502, f"{backend.name} chose another subprotocol ({link.subprotocol})")
+        return link
+
     def link_closed(self, link: BackendLink) -> None:
         self.runtime.release(link.backend)
+        if link.abnormal:
+            self.runtime.health.abnormal_close(link.backend)
 
     def failed_over(self, session: ClientSession, old: BackendLink, new: BackendLink | None) -> None:
         metrics = self.runtime.metrics
@@ -194,8 +213,31 @@ async def _open_link(
     request: UpgradeRequest,
     client_ip: str,
     client_id: str,
+    *,
+    transfer: str | None = None,
 ) -> BackendLink:
-    """Open one backend link within ``connect_timeout``; raise :class:`HandshakeError` on failure."""
+    """Open one backend link within ``connect_timeout``; raise :class:`HandshakeError` on failure.
+
+    A link opened for a transfer carries ``X-Atlas-Transfer``. Connect and handshake outcomes are the
+    passive health signals of the backend.
+    """
+    try:
+        link = await _handshake_backend(runtime, backend, request, client_ip, client_id, transfer)
+    except HandshakeError:
+        runtime.health.connect_failed(backend)
+        raise
+    runtime.health.connect_succeeded(backend)
+    return link
+
+
+async def _handshake_backend(
+    runtime: Runtime,
+    backend: Backend,
+    request: UpgradeRequest,
+    client_ip: str,
+    client_id: str,
+    transfer: str | None,
+) -> BackendLink:
     config = runtime.proxy
     headers = backend_request_headers(
         request,
@@ -205,6 +247,7 @@ async def _open_link(
         client_ip=client_ip,
         client_id=client_id,
         client_secure=False,
+        extra=[(b"x-atlas-transfer", transfer.encode("ascii"))] if transfer else (),
     )
     target = _backend_target(backend.path, request.target)
     shake: BackendHandshake | None = None

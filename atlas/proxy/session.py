@@ -119,6 +119,10 @@ class LinkProvider(Protocol):
         """A link to the best available backend not in ``exclude``; raises HandshakeError (502/503)."""
         ...
 
+    async def open_link_to(self, backend: Backend, *, transfer: str, subprotocol: str | None) -> BackendLink:
+        """A link to ``backend`` for a transfer (``X-Atlas-Transfer``), with the client's subprotocol."""
+        ...
+
     def link_closed(self, link: BackendLink) -> None:
         """``link`` is closed for good: release its backend, record passive health signals."""
         ...
@@ -211,6 +215,17 @@ class ClientSession:
         self._lose(self.link)
 
     # -- transfers: the steps the coordinator drives (a transfer is a failover whose source lives) ---
+
+    @property
+    def movable(self) -> bool:
+        """Whether a transfer may start: relaying normally, no close or failover under way."""
+        return (
+            self.ending is None
+            and self._switching is None
+            and not self._closed_to_backend
+            and not self._closed_to_client
+            and not self.link.lost
+        )
 
     async def hold_client(self) -> int:
         """Stop relaying the client's messages at the next message boundary.

@@ -1,0 +1,239 @@
+"""Atlas's side of the control channels: one WebSocket to each game server that has a control endpoint.
+
+Theory of operation
+-------------------
+:func:`serve_control_channels` runs one task per backend with a ``control_url``, in a nursery of its own,
+and reconciles that set with the pool once a second (backends come and go at run time). Each task
+connects (bounded by ``connect_timeout``), says ``hello``, waits for ``welcome``, then reads messages
+until the connection drops, and connects again with exponential back-off (capped at 10 s).
+
+A :class:`ControlChannel` is only usable between ``welcome`` and the drop (``ready``). Replies to
+transfer steps are routed by transfer id: :meth:`ControlChannel.request` registers a one-slot memory
+channel for the id, sends, and waits (the caller bounds the wait). ``load`` reports are kept as
+``last_load``. A channel that drops fails every request waiting on it (:class:`ChannelClosed`), so a
+transfer in flight rolls back at once rather than at its deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import ssl
+from collections.abc import Iterable
+
+import attrs
+import trio
+import trio_websocket
+
+from atlas.config import WsUrl
+from atlas.control.messages import (
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    AtlasMessage,
+    Hello,
+    Load,
+    ProtocolError,
+    ServerMessage,
+    TransferAbort,
+    TransferCommitted,
+    TransferReady,
+    TransferReject,
+    TransferState,
+    Welcome,
+    decode_from_server,
+    encode,
+)
+from atlas.runtime import Runtime
+
+__all__ = ["ChannelClosed", "ControlChannel", "ControlChannels", "serve_control_channels"]
+
+log = logging.getLogger("atlas.control")
+
+_RECONCILE_PERIOD = 1.0
+_MAX_BACKOFF = 10.0
+_Reply = TransferReady | TransferReject | TransferState | TransferCommitted | TransferAbort
+
+
+class ChannelClosed(Exception):
+    """The control channel dropped (or was never up) while a request needed it."""
+
+
+@attrs.define(eq=False)
+class ControlChannel:
+    """One live control connection to a game server."""
+
+    backend: str
+    ws: trio_websocket.WebSocketConnection
+    welcome: Welcome
+    last_load: Load | None = None
+    ready: bool = True
+    _waiting: dict[str, trio.MemorySendChannel[_Reply | None]] = attrs.field(factory=dict)
+
+    async def send(self, message: AtlasMessage) -> None:
+        """Send one message; :class:`ChannelClosed` if the channel is down."""
+        if not self.ready:
+            raise ChannelClosed(f"control channel of {self.backend} is down")
+        try:
+            await self.ws.send_message(encode(message))
+        except trio_websocket.ConnectionClosed:
+            raise ChannelClosed(f"control channel of {self.backend} closed") from None
+
+    async def request(self, message: AtlasMessage, transfer: str) -> _Reply:
+        """Send ``message`` and wait for the server's reply about ``transfer`` (caller bounds the wait)."""
+        send, receive = trio.open_memory_channel[_Reply | None](1)
+        self._waiting[transfer] = send
+        try:
+            await self.send(message)
+            reply = await receive.receive()
+        finally:
+            self._waiting.pop(transfer, None)
+            send.close()
+            receive.close()
+        if reply is None:
+            raise ChannelClosed(f"control channel of {self.backend} closed")
+        return reply
+
+    def _dispatch(self, message: ServerMessage) -> None:
+        if isinstance(message, Load):
+            self.last_load = message
+            return
+        if isinstance(message, Welcome):
+            return
+        waiter = self._waiting.get(message.transfer)
+        if waiter is None:
+            log.debug("control %s: no transfer %s waits for %s", self.backend, message.transfer, message)
+            return
+        try:
+            waiter.send_nowait(message)
+        except trio.WouldBlock:
+            log.warning(
+                "control %s: a second reply about transfer %s dropped", self.backend, message.transfer
+            )
+
+    def _drop(self) -> None:
+        self.ready = False
+        for waiter in self._waiting.values():
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                waiter.send_nowait(None)
+
+
+class ControlChannels:
+    """The live control channels by backend name (read by the transfer coordinator)."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, ControlChannel] = {}
+
+    def get(self, backend: str) -> ControlChannel | None:
+        """The backend's channel if it is up, else None (the backend then gets blind transfers)."""
+        channel = self._channels.get(backend)
+        return channel if channel is not None and channel.ready else None
+
+    def __iter__(self) -> Iterable[ControlChannel]:
+        return iter(list(self._channels.values()))
+
+    def _set(self, channel: ControlChannel) -> None:
+        self._channels[channel.backend] = channel
+
+    def _unset(self, channel: ControlChannel) -> None:
+        if self._channels.get(channel.backend) is channel:
+            del self._channels[channel.backend]
+
+
+async def serve_control_channels(
+    runtime: Runtime,
+    channels: ControlChannels,
+    *,
+    node: str = "atlas",
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keep one control channel per backend that has a ``control_url``, until cancelled."""
+    running: dict[tuple[str, str], trio.CancelScope] = {}
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            wanted = {(b.name, b.control_url) for b in runtime.pool if b.control_url}
+            for key in list(running):
+                if key not in wanted:
+                    running.pop(key).cancel()
+            for key in wanted - set(running):
+                scope = trio.CancelScope()
+                running[key] = scope
+                nursery.start_soon(_keep_channel, runtime, channels, key[0], key[1], node, scope)
+            await trio.sleep(_RECONCILE_PERIOD)
+
+
+async def _keep_channel(
+    runtime: Runtime,
+    channels: ControlChannels,
+    backend: str,
+    url: str,
+    node: str,
+    scope: trio.CancelScope,
+) -> None:
+    """Connect, serve, reconnect with back-off, until the scope is cancelled."""
+    failures = 0
+    with scope:
+        while True:
+            try:
+                await _serve_one(runtime, channels, backend, url, node)
+                failures = 0
+            except (
+                OSError,
+                trio_websocket.HandshakeError,
+                trio.TooSlowError,
+                ProtocolError,
+                ssl.SSLError,
+            ) as exc:
+                failures += 1
+                if failures == 1 or math.log2(failures).is_integer():
+                    log.warning("control channel of %s (%s) unavailable: %s", backend, url, exc)
+            await trio.sleep(min(_MAX_BACKOFF, 0.2 * 2 ** min(failures, 10)))
+
+
+async def _serve_one(runtime: Runtime, channels: ControlChannels, backend: str, url: str, node: str) -> None:
+    target = WsUrl.parse(url)
+    timeout = runtime.proxy.connect_timeout
+    context = runtime.backend_ssl_context() if target.secure else None
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(timeout):
+            ws = await trio_websocket.connect_websocket(
+                nursery, target.host, target.port, target.resource, use_ssl=context or False
+            )
+        try:
+            with trio.fail_after(timeout):
+                await ws.send_message(encode(Hello(versions=list(SUPPORTED_VERSIONS), node=node)))
+                first = decode_from_server(await ws.get_message())
+            if not isinstance(first, Welcome) or first.version != PROTOCOL_VERSION:
+                raise ProtocolError(f"expected welcome with version {PROTOCOL_VERSION}, got {first!r}")
+            channel = ControlChannel(backend=backend, ws=ws, welcome=first)
+            channels._set(channel)
+            log.info("control channel of %s up (%s)", backend, first.server, extra={"server": backend})
+            try:
+                await _read(channel)
+            finally:
+                channel._drop()
+                channels._unset(channel)
+                log.info("control channel of %s down", backend, extra={"server": backend})
+        except trio_websocket.ConnectionClosed:
+            pass
+        finally:
+            with trio.move_on_after(1, shield=True):
+                await ws.aclose()
+                # trio-websocket 0.12 leaves its socket open when the server closed first.
+                await trio.aclose_forcefully(ws._stream)
+            nursery.cancel_scope.cancel()
+
+
+async def _read(channel: ControlChannel) -> None:
+    while True:
+        try:
+            text = await channel.ws.get_message()
+        except trio_websocket.ConnectionClosed:
+            return
+        try:
+            message = decode_from_server(text)
+        except ProtocolError as exc:
+            log.warning("control %s: ignoring a malformed message: %s", channel.backend, exc)
+            continue
+        channel._dispatch(message)

@@ -1,0 +1,391 @@
+"""The transfer coordinator: runs each transfer as a task in its own cancel scope, with rollback.
+
+Theory of operation
+-------------------
+Anyone may ask for a transfer (the admin API, a drain, the rebalancer, the predictor) with
+:meth:`TransferCoordinator.transfer`; the request is checked at once (the client exists, is not already
+being moved, the target exists and can take it) and queued to :meth:`TransferCoordinator.serve`, which
+runs in the root nursery and starts one task per transfer in a nursery it owns. The caller waits for the
+:class:`TransferOutcome`.
+
+Each transfer task drives one :class:`~atlas.control.lifecycle.TransferRecord` through its phases
+(lifecycle.py has the table) inside ``trio.move_on_after([transfer] timeout)``. Atlas-aware servers (with
+a live control channel) get the full protocol of docs/protocol.md; otherwise the transfer is *blind*.
+The session does the data-plane steps (hold the client at a message boundary, cut the source after its
+last message, switch links); this module does the talking and the bookkeeping.
+
+Rollback is the answer to every failure before the switch: a refusal, a dropped channel or link, a step
+past its deadline. It is shielded and bounded: the session resumes on the source (held messages flow to
+it, in order), the target link is closed, and both servers are told ``transfer.abort``. After the switch
+nothing is rolled back: completing the source's side is best effort, since the client is already safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+from prometheus_client import Counter, Histogram
+
+from atlas.control.channel import ChannelClosed, ControlChannel, ControlChannels
+from atlas.control.lifecycle import Phase, TransferReason, TransferRecord
+from atlas.control.messages import (
+    TransferAbort,
+    TransferBegin,
+    TransferCommit,
+    TransferCommitted,
+    TransferComplete,
+    TransferNotice,
+    TransferPrepare,
+    TransferReady,
+    TransferState,
+)
+from atlas.errors import AtlasError, HandshakeError
+
+if TYPE_CHECKING:
+    from atlas.proxy.session import BackendLink, ClientSession
+    from atlas.runtime import Runtime
+
+__all__ = ["TransferCoordinator", "TransferOutcome", "TransferRefused"]
+
+log = logging.getLogger("atlas.transfer")
+
+_QUEUE = 1024
+
+
+class TransferRefused(AtlasError):
+    """A transfer request was refused before it started; the message says why."""
+
+
+class _RollBack(Exception):
+    def __init__(self, why: str) -> None:
+        self.why = why
+        super().__init__(why)
+
+
+@attrs.frozen
+class TransferOutcome:
+    """How a transfer ended, as the admin API reports it."""
+
+    transfer: str
+    client: str
+    source: str
+    target: str
+    reason: str
+    committed: bool
+    blind: bool
+    phase: str
+    failure: str | None
+    duration: float
+    stall: float | None = None
+    """Seconds from the source's last relayed message to the target's first (when known yet)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The outcome as a JSON-able dict."""
+        return {
+            "transfer": self.transfer,
+            "client": self.client,
+            "from": self.source,
+            "to": self.target,
+            "reason": self.reason,
+            "outcome": "committed" if self.committed else "rolled_back",
+            "blind": self.blind,
+            "phase": self.phase,
+            "failure": self.failure,
+            "duration_ms": round(self.duration * 1000, 3),
+        }
+
+
+@attrs.define(eq=False)
+class _Request:
+    session: ClientSession
+    target: str
+    reason: TransferReason
+    record: TransferRecord
+    done: trio.Event = attrs.field(factory=trio.Event)
+    outcome: TransferOutcome | None = None
+    new_link: BackendLink | None = None
+    """The target link while the transfer owns it (before the switch), for the rollback to close."""
+
+
+class _Metrics:
+    def __init__(self, runtime: Runtime) -> None:
+        registry = runtime.metrics.registry
+        self.transfers = Counter(
+            "atlas_transfers_total",
+            "Transfers, by reason and outcome (committed, rolled_back).",
+            ["reason", "outcome"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "atlas_transfer_duration_seconds",
+            "Time from a transfer's request to its end.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=registry,
+        )
+        self.stall = Histogram(
+            "atlas_transfer_stall_seconds",
+            "Client-visible stall: from the source's last relayed message to the target's first.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=registry,
+        )
+        self.held = Histogram(
+            "atlas_transfer_held_messages",
+            "Client messages held during a transfer and delivered to the new owner.",
+            buckets=(0, 1, 2, 5, 10, 20, 50, 100, 500),
+            registry=registry,
+        )
+
+
+class TransferCoordinator:
+    """Starts, tracks and finishes transfers (see the module docstring)."""
+
+    def __init__(self, runtime: Runtime, channels: ControlChannels) -> None:
+        self.runtime = runtime
+        self.channels = channels
+        self.active: dict[str, TransferRecord] = {}
+        self._prefix = os.urandom(3).hex()
+        self._ids = itertools.count(1)
+        self._send, self._receive = trio.open_memory_channel[_Request](_QUEUE)
+        self._metrics = _Metrics(runtime)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run transfers until cancelled: one task each, in a nursery owned here."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async for request in self._receive:
+                nursery.start_soon(self._run, request)
+
+    def request(self, client_id: str, target: str, reason: TransferReason) -> _Request:
+        """Check and queue a transfer; :class:`TransferRefused` says why it cannot start."""
+        session = self.runtime.clients.get(client_id)
+        if session is None:
+            raise TransferRefused(f"no client {client_id}")
+        if client_id in self.active:
+            raise TransferRefused(f"client {client_id} is already being transferred")
+        if not session.movable:
+            raise TransferRefused(f"client {client_id} cannot be moved now (closing or failing over)")
+        backend = self.runtime.pool.get(target)
+        if backend is None:
+            raise TransferRefused(f"no server {target}")
+        source = session.link.backend
+        if backend is source:
+            raise TransferRefused(f"client {client_id} is already on {target}")
+        if not backend.available:
+            raise TransferRefused(f"{target} cannot take a client now ({backend.state.value})")
+        blind = self.channels.get(source.name) is None or self.channels.get(target) is None
+        record = TransferRecord(
+            id=f"t-{self._prefix}-{next(self._ids)}",
+            client_id=client_id,
+            source=source.name,
+            target=target,
+            reason=reason,
+            blind=blind,
+        )
+        request = _Request(session=session, target=target, reason=reason, record=record)
+        try:
+            self._send.send_nowait(request)
+        except trio.WouldBlock:
+            raise TransferRefused("too many transfers queued; try again later") from None
+        self.active[client_id] = record
+        return request
+
+    async def transfer(self, client_id: str, target: str, reason: TransferReason) -> TransferOutcome:
+        """Move ``client_id`` to ``target`` and wait for the outcome (committed or rolled back)."""
+        request = self.request(client_id, target, reason)
+        await request.done.wait()
+        assert request.outcome is not None
+        return request.outcome
+
+    # -- one transfer ------------------------------------------------------------------------------
+
+    async def _run(self, request: _Request) -> None:
+        record = request.record
+        session = request.session
+        try:
+            with trio.move_on_after(self.runtime.config.transfer.timeout):
+                await self._steps(request)
+            if not record.done and record.can_roll_back:
+                raise _RollBack(f"timed out while {record.phase.value}")
+            if record.phase is Phase.SWITCHED:
+                record.advance(Phase.COMPLETED)  # the source's side timed out: the client is safe
+        except _RollBack as exc:
+            await self._roll_back(request, exc.why)
+        finally:
+            self.active.pop(record.client_id, None)
+            stall = session.last_stall if record.phase is Phase.COMPLETED else None
+            request.outcome = TransferOutcome(
+                transfer=record.id,
+                client=record.client_id,
+                source=record.source,
+                target=record.target,
+                reason=record.reason.value,
+                committed=record.phase is Phase.COMPLETED,
+                blind=record.blind,
+                phase=record.phase.value,
+                failure=record.failure,
+                duration=record.duration,
+                stall=stall,
+            )
+            self._account(request.outcome, session)
+            request.done.set()
+
+    async def _steps(self, request: _Request) -> None:
+        record = request.record
+        session = request.session
+        runtime = self.runtime
+        target = runtime.pool.get(record.target)
+        if target is None:
+            raise _RollBack(f"{record.target} was removed")
+        timeout_ms = int(runtime.config.transfer.timeout * 1000)
+        source_channel = self.channels.get(record.source)
+        target_channel = self.channels.get(record.target)
+        if not record.blind and (source_channel is None or target_channel is None):
+            raise _RollBack("a control channel dropped")
+        record.advance(Phase.PREPARING)
+        if source_channel is not None and target_channel is not None:
+            await _tell(
+                source_channel,
+                TransferNotice(
+                    transfer=record.id,
+                    client=record.client_id,
+                    target=record.target,
+                    reason=record.reason.value,
+                    timeout_ms=timeout_ms,
+                ),
+            )
+            reply = await _ask(
+                target_channel,
+                TransferPrepare(
+                    transfer=record.id,
+                    client=record.client_id,
+                    source=record.source,
+                    reason=record.reason.value,
+                    timeout_ms=timeout_ms,
+                ),
+                record.id,
+            )
+            if not isinstance(reply, TransferReady):
+                raise _RollBack(f"{record.target} refused: {_why(reply)}")
+        try:
+            request.new_link = await session.provider.open_link_to(
+                target, transfer=record.id, subprotocol=session.link.subprotocol
+            )
+        except HandshakeError as exc:
+            raise _RollBack(f"cannot connect to {record.target}: {exc.reason}") from None
+        record.advance(Phase.PREPARED)
+        delivered = await session.hold_client()
+        record.advance(Phase.HOLDING)
+        if source_channel is None or target_channel is None:
+            await session.cut_backend(None)
+        else:
+            record.advance(Phase.HANDING_OFF)
+            state = await _ask(
+                source_channel,
+                TransferBegin(
+                    transfer=record.id, client=record.client_id, delivered=delivered, timeout_ms=timeout_ms
+                ),
+                record.id,
+            )
+            if not isinstance(state, TransferState):
+                raise _RollBack(f"{record.source} refused: {_why(state)}")
+            record.advance(Phase.CUTTING)
+            await session.cut_backend(state.sent)
+            record.advance(Phase.COMMITTING)
+            reply = await _ask(
+                target_channel,
+                TransferCommit(
+                    transfer=record.id, client=record.client_id, state=state.state, timeout_ms=timeout_ms
+                ),
+                record.id,
+            )
+            if not isinstance(reply, TransferCommitted):
+                raise _RollBack(f"{record.target} refused: {_why(reply)}")
+        if session.ending is not None or request.new_link.closed:
+            raise _RollBack("the client or the target link went away")
+        held = session.up.held_messages()
+        old = session.switch_to(request.new_link)
+        request.new_link = None  # the session owns it now
+        record.advance(Phase.SWITCHED)
+        self._metrics.held.observe(held)
+        # The target owns the client: finishing the source's side cannot fail the transfer.
+        if source_channel is not None:
+            await _tell(source_channel, TransferComplete(transfer=record.id, client=record.client_id))
+        await session.retire_link(old)
+        record.advance(Phase.COMPLETED)
+
+    async def _roll_back(self, request: _Request, why: str) -> None:
+        record = request.record
+        session = request.session
+        record.roll_back(why)
+        session.resume()
+        with trio.CancelScope(shield=True), trio.move_on_after(self.runtime.proxy.close_timeout):
+            if not record.blind:
+                abort = TransferAbort(transfer=record.id, client=record.client_id, reason=why)
+                for name in (record.source, record.target):
+                    channel = self.channels.get(name)
+                    if channel is not None:
+                        await _tell(channel, abort)
+            if request.new_link is not None:
+                await session.retire_link(request.new_link, "transfer rolled back")
+                request.new_link = None
+
+    def _account(self, outcome: TransferOutcome, session: ClientSession) -> None:
+        metrics = self._metrics
+        metrics.transfers.labels(outcome.reason, "committed" if outcome.committed else "rolled_back").inc()
+        metrics.duration.observe(outcome.duration)
+        if outcome.stall is not None:
+            metrics.stall.observe(outcome.stall)
+        extra = {
+            "client": outcome.client,
+            "server": outcome.target,
+            "from_server": outcome.source,
+            "event": "transfer",
+            "transfer": outcome.transfer,
+            "outcome": "committed" if outcome.committed else "rolled_back",
+        }
+        if outcome.committed:
+            log.info(
+                "transfer %s: client %s moved %s -> %s (%s%s) in %.1f ms",
+                outcome.transfer,
+                outcome.client,
+                outcome.source,
+                outcome.target,
+                outcome.reason,
+                ", blind" if outcome.blind else "",
+                outcome.duration * 1000,
+                extra=extra,
+            )
+        else:
+            log.warning(
+                "transfer %s: client %s stays on %s (%s to %s rolled back: %s)",
+                outcome.transfer,
+                outcome.client,
+                outcome.source,
+                outcome.reason,
+                outcome.target,
+                outcome.failure,
+                extra=extra,
+            )
+
+
+async def _tell(channel: ControlChannel, message: Any) -> None:
+    """Send without waiting for an answer; a dropped channel is ignored (the caller's next step notices)."""
+    with contextlib.suppress(ChannelClosed):
+        await channel.send(message)
+
+
+async def _ask(channel: ControlChannel, message: Any, transfer: str) -> Any:
+    try:
+        return await channel.request(message, transfer)
+    except ChannelClosed as exc:
+        raise _RollBack(str(exc)) from None
+
+
+def _why(reply: object) -> str:
+    return str(getattr(reply, "reason", type(reply).__name__))
