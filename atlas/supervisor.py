@@ -4,8 +4,10 @@ The tree (docs/architecture.md draws it)::
 
     root nursery (serve_atlas)
      ├─ listener nursery (serve_proxy): accept loops, one task per client session, idle sweeper
+     ├─ health nursery (serve_health_checks): one checker per backend
      ├─ control channels (serve_control_channels): one task per backend with a control endpoint
-     └─ transfer coordinator (TransferCoordinator.serve): one task per transfer, each in its own scope
+     ├─ transfer coordinator (TransferCoordinator.serve): one task per transfer, each in its own scope
+     └─ ops server (serve_ops): admin API, /metrics, Horizon registration (hypercorn on trio)
  Shutdown is a drain followed by one cancellation of the root scope:
 the ``shutdown`` event makes the listener stop accepting and close its clients with 1001 within
 ``drain_timeout``; when it returns, the root scope is cancelled and everything else stops with it.
@@ -24,7 +26,10 @@ from atlas.config import Config
 from atlas.control.channel import ControlChannels, serve_control_channels
 from atlas.control.coordinator import TransferCoordinator
 from atlas.errors import StartupError
-from atlas.proxy.listener import ProxyListening, serve_proxy
+from atlas.health import serve_health_checks
+from atlas.ops.server import OpsListening, serve_ops
+from atlas.pool import Backend
+from atlas.proxy.listener import ProxyListening, fail_over_backend, serve_proxy
 from atlas.runtime import Runtime
 
 __all__ = ["AtlasStarted", "run_until_signalled", "serve_atlas"]
@@ -39,6 +44,8 @@ class AtlasStarted:
     proxy: ProxyListening
     runtime: Runtime
     transfers: TransferCoordinator
+    ops: OpsListening | None
+    """The ops server's address, or None when ``[admin] enabled = false``."""
 
 
 async def serve_atlas(
@@ -57,8 +64,13 @@ async def serve_atlas(
     channels = ControlChannels()
     transfers = TransferCoordinator(runtime, channels)
     runtime.transfers = transfers
+    runtime.health.on_backend_down = lambda backend: _fail_over(runtime, backend)
     try:
         async with trio.open_nursery() as root:
+            ops: OpsListening | None = None
+            if config.admin.enabled:
+                ops = await root.start(serve_ops, runtime)
+            await root.start(serve_health_checks, runtime)
             await root.start(
                 lambda task_status: serve_control_channels(runtime, channels, task_status=task_status)
             )
@@ -72,12 +84,19 @@ async def serve_atlas(
                     proxy_done.set()
 
             listening: ProxyListening = await root.start(proxy)
-            task_status.started(AtlasStarted(proxy=listening, runtime=runtime, transfers=transfers))
+            task_status.started(AtlasStarted(proxy=listening, runtime=runtime, transfers=transfers, ops=ops))
             # serve_proxy drains and returns once shutdown is set; then everything else stops.
             await proxy_done.wait()
             root.cancel_scope.cancel()
     except* StartupError as group:
         raise group.exceptions[0] from None
+
+
+def _fail_over(runtime: Runtime, backend: Backend) -> None:
+    """The health monitor gave up on ``backend``: move its live clients (when failover is on)."""
+    moved = fail_over_backend(runtime, backend)
+    if moved:
+        log.warning("backend %s is down: failing over %d client(s)", backend.name, moved)
 
 
 async def run_until_signalled(config: Config) -> None:

@@ -27,6 +27,11 @@ class Recorder:
 
     async def handler(self, request: WebSocketRequest) -> None:
         headers = {k.lower(): v for k, v in request.headers}
+        if b"x-atlas-client-id" not in headers:  # Atlas's health probe
+            ws = await request.accept()
+            with contextlib.suppress(ConnectionClosed):
+                await ws.get_message()
+            return
         client = headers[b"x-atlas-client-id"].decode()
         if b"x-atlas-transfer" in headers:
             self.transfer_links += 1
