@@ -59,14 +59,16 @@ def test_serve_with_a_bad_config_exits_1_with_the_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_serve_on_a_busy_port_prints_one_line_and_exits_1() -> None:
+def test_serve_on_a_busy_port_prints_one_line_and_exits_1(tmp_path: Path) -> None:
     import socket
 
+    config = tmp_path / "atlas.toml"
+    config.write_text('[admin]\nlisten = "127.0.0.1:0"\n')
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_cli("serve", "--listen", f"127.0.0.1:{port}")
+        result = run_cli("serve", "--config", str(config), "--listen", f"127.0.0.1:{port}")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"atlas: error: cannot listen on 127.0.0.1:{port}: Address already in use"
@@ -76,7 +78,9 @@ def test_serve_on_a_busy_port_prints_one_line_and_exits_1() -> None:
 
 async def test_serve_drains_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     config = tmp_path / "atlas.toml"
-    config.write_text('[proxy]\nlisten = "127.0.0.1:0"\ndrain_timeout = 2.0\n')
+    config.write_text(
+        '[proxy]\nlisten = "127.0.0.1:0"\ndrain_timeout = 2.0\n[admin]\nlisten = "127.0.0.1:0"\n'
+    )
     process = await trio.lowlevel.open_process(
         [*ATLAS, "serve", "--config", str(config)],
         stderr=subprocess.PIPE,

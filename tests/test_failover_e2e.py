@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from atlas.config import Config, ProxyConfig, ServerConfig
+from atlas.config import AdminConfig, Config, ProxyConfig, ServerConfig
 from atlas.supervisor import AtlasStarted, serve_atlas
 
 ECHO_SERVER = Path(__file__).resolve().parent.parent / "examples" / "echo_server.py"
@@ -63,6 +63,7 @@ async def test_backend_killed_under_200_clients_every_client_moves_nothing_lost(
     ):
         config = Config(
             proxy=ProxyConfig(listen="127.0.0.1:0"),
+            admin=AdminConfig(listen="127.0.0.1:0"),
             servers=tuple(
                 ServerConfig(name=f"gs-{i + 1}", url=f"ws://127.0.0.1:{port}", capacity=1000)
                 for i, port in enumerate((port1, port2, port3))

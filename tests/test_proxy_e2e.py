@@ -17,17 +17,21 @@ from trio_websocket import (
     serve_websocket,
 )
 
-from atlas.config import Config, FailoverConfig, ProxyConfig, ServerConfig
+from atlas.config import AdminConfig, Config, FailoverConfig, ProxyConfig, ServerConfig
 from atlas.demo.servers import serve_echo_server
 from atlas.errors import StartupError
 from atlas.proxy.frames import CloseCode
 from atlas.supervisor import AtlasStarted, serve_atlas
 from tests.wsclient import open_ws
 
+#: Every in-process Atlas in the tests runs its ops server on a free port.
+EPHEMERAL_ADMIN = AdminConfig(listen="127.0.0.1:0")
+
 
 def _config(ports: Sequence[int], **proxy: object) -> Config:
     settings: dict[str, object] = {"listen": "127.0.0.1:0", **proxy}
     return Config(
+        admin=EPHEMERAL_ADMIN,
         proxy=ProxyConfig(**settings),  # type: ignore[arg-type]
         servers=tuple(
             ServerConfig(name=f"gs-{i + 1}", url=f"ws://127.0.0.1:{port}", capacity=1000)
@@ -345,7 +349,7 @@ async def test_shutdown_drains_clients_with_1001_and_returns() -> None:
 async def test_listen_port_in_use_is_a_startup_error() -> None:
     busy = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = busy.socket.getsockname()[1]
-    config = Config(proxy=ProxyConfig(listen=f"127.0.0.1:{port}"))
+    config = Config(proxy=ProxyConfig(listen=f"127.0.0.1:{port}"), admin=EPHEMERAL_ADMIN)
     with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{port}"):
         await serve_atlas(config)
     await busy.aclose()

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from atlas.config import Config, ProxyConfig, ServerConfig, TransferConfig
+from atlas.config import AdminConfig, Config, ProxyConfig, ServerConfig, TransferConfig
 from atlas.control.coordinator import TransferOutcome, TransferRefused
 from atlas.control.lifecycle import TransferReason
 from atlas.supervisor import AtlasStarted, serve_atlas
@@ -60,6 +60,7 @@ async def test_blind_transfers_under_streaming_lose_duplicate_and_reorder_nothin
     async with recorder.servers(3) as ports:
         config = Config(
             proxy=ProxyConfig(listen="127.0.0.1:0"),
+            admin=AdminConfig(listen="127.0.0.1:0"),
             servers=tuple(
                 ServerConfig(name=f"gs-{i + 1}", url=f"ws://127.0.0.1:{port}") for i, port in enumerate(ports)
             ),

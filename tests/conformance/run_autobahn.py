@@ -36,7 +36,7 @@ from typing import Any
 import attrs
 import trio
 
-from atlas.config import Config, ProxyConfig, ServerConfig
+from atlas.config import AdminConfig, Config, ProxyConfig, ServerConfig
 from atlas.demo.servers import serve_echo_server
 from atlas.errors import StartupError
 from atlas.supervisor import AtlasStarted, serve_atlas
@@ -285,6 +285,7 @@ def atlas_config(backend_port: int) -> Config:
     """Atlas on 127.0.0.1 port 0 with the echo backend as its only server."""
     return Config(
         proxy=ProxyConfig(listen=f"{HOST}:0", max_message_size=MAX_MESSAGE_SIZE),
+        admin=AdminConfig(enabled=False),
         servers=(ServerConfig(name="echo", url=f"ws://{HOST}:{backend_port}", capacity=100_000),),
     )
 
