@@ -904,6 +904,14 @@ async def test_checkers_follow_membership(autojump_clock: MockClock) -> None:
             runtime.add_backend(_backend("a", port))
             await trio.sleep(0.5)
             assert _checks(runtime, "a", "success") == before + 1
+            # The same record removed and added back at once: still exactly one checker.
+            b = runtime.pool.get("b")
+            assert b is not None
+            runtime.drain_backend("b", remove=True)
+            runtime.add_backend(b)
+            before = _checks(runtime, "b", "success")
+            await trio.sleep(5.0)
+            assert _checks(runtime, "b", "success") == before + 5
 
 
 async def test_draining_backend_is_still_probed_and_goes_down(autojump_clock: MockClock) -> None:
@@ -1024,5 +1032,38 @@ async def test_hung_backend_never_hangs_a_client(autojump_clock: MockClock) -> N
                     await ws.send_message(f"m{i}")
                     assert await ws.get_message() == f"m{i}"
                 assert trio.current_time() - start < 0.1
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+
+
+async def test_hung_backend_is_ejected_by_real_traffic(autojump_clock: MockClock) -> None:
+    async with hung_backend() as (hung_port, _stats), ws_backend() as (good_port, _):
+        runtime = _runtime(
+            {"hung": f"ws://127.0.0.1:{hung_port}", "good": f"ws://127.0.0.1:{good_port}"},
+            health=_health(enabled=False),
+            outlier=OutlierConfig(consecutive_failures=1, base_ejection_time=60),
+            proxy=ProxyConfig(listen="127.0.0.1:0", connect_timeout=2.0, connect_attempts=2),
+        )
+        down = DownRecorder()
+        runtime.health.on_backend_down = down
+        shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+            listening = await nursery.start(
+                lambda task_status: serve_proxy(runtime, shutdown=shutdown, task_status=task_status)
+            )
+            await nursery.start(serve_health_checks, runtime)
+            url = f"ws://127.0.0.1:{listening.port}/"
+            for i in range(4):
+                start = trio.current_time()
+                async with _open_ws(url) as ws:
+                    await ws.send_message(f"m{i}")
+                    assert await ws.get_message() == f"m{i}"
+                # The first client waits out one connect_timeout on the hung backend, no one else does.
+                assert trio.current_time() - start <= (2.1 if i == 0 else 0.1)
+            assert [name for name, _ in down.calls] == ["hung"]
+            hung = runtime.pool.get("hung")
+            assert hung is not None
+            assert _state(hung) is BackendState.EJECTED
+            assert _ejections(runtime, "hung") == 1
             shutdown.set()
             nursery.cancel_scope.cancel()

@@ -131,7 +131,8 @@ async def test_blind_transfers_under_streaming_lose_duplicate_and_reorder_nothin
                 await atlas.runtime.clients.wait_empty()
             nursery.cancel_scope.cancel()
     committed = [o for o in outcomes if o.committed]
-    assert len(committed) >= transfers * 0.8, [o.failure for o in outcomes if not o.committed][:5]
+    assert len(committed) >= transfers * 0.8  # the rest were refused: that client was already moving
+    assert all(o.committed for o in outcomes), [(o.failure, o.phase) for o in outcomes if not o.committed]
     assert recorder.transfer_links == len(committed)
     for n in range(clients):
         # Guarantee 2: every client message reached exactly one backend, in order, none lost.

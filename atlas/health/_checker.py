@@ -29,12 +29,13 @@ import math
 import random
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 from atlas.health._probes import ProbeReport, ProbeResult, run_probe
+from atlas.pool import Backend
 
 if TYPE_CHECKING:
-    from atlas.pool import Backend
     from atlas.runtime import Runtime
 
 __all__ = ["serve_health_checks"]
@@ -51,33 +52,48 @@ async def serve_health_checks(
     removed later (through the runtime) get their checker started or cancelled.
     """
     monitor = runtime.health
-    checkers: dict[str, tuple[Backend, trio.CancelScope]] = {}
+    checkers: dict[str, _Checker] = {}
     async with trio.open_nursery() as nursery:
         ready = False
         while True:
             changed = monitor.membership_changed()  # taken first: changes from here on wake us
             members = monitor.members()
-            for name, (backend, scope) in list(checkers.items()):
-                if members.get(name) is not backend:
-                    scope.cancel()
+            for name, checker in list(checkers.items()):
+                # A checker also ends by itself when it sees its backend gone; if the same record
+                # came back meanwhile, it needs a new one.
+                if not checker.running or members.get(name) is not checker.backend:
+                    checker.scope.cancel()
                     del checkers[name]
             for name, backend in members.items():
                 if name not in checkers:
-                    scope = await nursery.start(_serve_checker, runtime, backend)
-                    checkers[name] = (backend, scope)
+                    checker = _Checker(backend)
+                    checker.scope = await nursery.start(_serve_checker, runtime, checker)
+                    checkers[name] = checker
             if not ready:
                 task_status.started()
                 ready = True
             await changed.wait()
 
 
+@attrs.define(eq=False)
+class _Checker:
+    """One backend's checker task, as its owner sees it."""
+
+    backend: Backend
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    running: bool = True
+
+
 async def _serve_checker(
-    runtime: Runtime, backend: Backend, *, task_status: trio.TaskStatus[trio.CancelScope]
+    runtime: Runtime, checker: _Checker, *, task_status: trio.TaskStatus[trio.CancelScope]
 ) -> None:
-    """Check ``backend`` until its scope (handed to the caller) is cancelled or it leaves the monitor."""
-    with trio.CancelScope() as scope:
-        task_status.started(scope)
-        await _check(runtime, backend)
+    """Check one backend until its scope (handed to the caller) is cancelled or it leaves the monitor."""
+    try:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            await _check(runtime, checker.backend)
+    finally:
+        checker.running = False
 
 
 async def _check(runtime: Runtime, backend: Backend) -> None:

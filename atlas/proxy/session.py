@@ -258,7 +258,6 @@ class ClientSession:
         """
         old = self.link
         self._down_before += old.scanner.messages
-        old.scanner.messages = 0
         new.up_base = self.up.messages
         new.stall_from = trio.current_time()
         self.link = new
@@ -456,6 +455,8 @@ class ClientSession:
                 # or the link is replaced (the scope is cancelled).
                 self._settled.set()
                 await self._lifted.wait()
+                if self.link is not link:
+                    return  # replaced: what this link still holds goes nowhere
                 out = scanner.feed(b"")
                 if out:
                     self._down_dirty = True
@@ -502,7 +503,6 @@ class ClientSession:
         """Move the client off the lost link ``old``; return False if the session ended instead."""
         try:
             self._down_before += old.scanner.messages
-            old.scanner.messages = 0
             await self._close_link(old)
             if not self.failover.enabled or self._closed_to_backend or self._closed_to_client:
                 self._end(Ending(EndKind.BACKEND_GONE, CloseCode.INTERNAL_ERROR, "backend went away"))
