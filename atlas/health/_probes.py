@@ -27,7 +27,7 @@ from wsproto.utilities import generate_nonce
 from atlas.config import ProbeKind
 from atlas.errors import AtlasError, HandshakeError
 from atlas.proxy.frames import CloseCode, build_close
-from atlas.proxy.handshake import open_backend
+from atlas.proxy.handshake import backend_target, open_backend
 
 if TYPE_CHECKING:
     from atlas.pool import Backend
@@ -89,20 +89,10 @@ def probe_headers(backend: Backend) -> list[tuple[bytes, bytes]]:
 def probe_target(backend: Backend, path: str) -> bytes:
     """The request target of the ``websocket`` probe: ``path`` under the backend URL's own path.
 
-    The same rule the proxy applies to a client's path, so the probe reaches what a client asking
-    for ``path`` would: ``ws://h/game?v=2`` and ``/`` give ``/game?v=2``; ``/health`` gives
-    ``/game/health?v=2``.
+    The proxy's rule for a client's path (:func:`atlas.proxy.handshake.backend_target`), so the probe
+    reaches what a client asking for ``path`` would.
     """
-    base_path, _, base_query = backend.path.partition("?")
-    probe_path, _, probe_query = path.partition("?")
-    if base_path in ("", "/"):
-        joined = probe_path
-    elif probe_path == "/":
-        joined = base_path
-    else:
-        joined = base_path.rstrip("/") + probe_path
-    query = "&".join(part for part in (base_query, probe_query) if part)
-    return (f"{joined}?{query}" if query else joined).encode("utf-8")
+    return backend_target(backend.path, path.encode("utf-8"))
 
 
 async def _probe_websocket(

@@ -29,6 +29,7 @@ __all__ = [
     "BackendHandshake",
     "UpgradeRequest",
     "accept_response",
+    "backend_target",
     "open_backend",
     "receive_upgrade",
     "reject_response",
@@ -234,6 +235,21 @@ def backend_request_headers(
     return headers
 
 
+def backend_target(base: str, client_target: bytes) -> bytes:
+    """The request target for a backend: its URL's path as a prefix of the client's, queries merged.
+
+    ``ws://h/game?build=42`` and a client's ``/room?a=1`` give ``/game/room?build=42&a=1``; a backend
+    path of ``/`` passes the client's target unchanged. Health probes place their path the same way.
+    """
+    if base in ("", "/"):
+        return client_target
+    base_path, _, base_query = base.encode("utf-8").partition(b"?")
+    client_path, _, client_query = client_target.partition(b"?")
+    path = base_path.rstrip(b"/") + client_path if client_path != b"/" else base_path
+    query = b"&".join(part for part in (base_query, client_query) if part)
+    return path + b"?" + query if query else path
+
+
 async def open_backend(
     host: str,
     port: int,
@@ -255,8 +271,11 @@ async def open_backend(
     try:
         if ssl_context is not None:
             ssl_stream = trio.SSLStream(tcp, ssl_context, server_hostname=host)
-            await ssl_stream.do_handshake()
             stream = ssl_stream
+            try:
+                await ssl_stream.do_handshake()
+            except (trio.BrokenResourceError, ssl.SSLError) as exc:
+                raise HandshakeError(502, f"TLS handshake with {host}:{port} failed: {exc}") from None
         key = dict(headers)[b"sec-websocket-key"]
         result = await _client_handshake(stream, target, headers, key)
     except BaseException:

@@ -35,6 +35,7 @@ from atlas.proxy.handshake import (
     UpgradeRequest,
     accept_response,
     backend_request_headers,
+    backend_target,
     open_backend,
     receive_upgrade,
     reject_response,
@@ -249,7 +250,7 @@ async def _handshake_backend(
         client_secure=False,
         extra=[(b"x-atlas-transfer", transfer.encode("ascii"))] if transfer else (),
     )
-    target = _backend_target(backend.path, request.target)
+    target = backend_target(backend.path, request.target)
     shake: BackendHandshake | None = None
     with trio.move_on_after(config.connect_timeout):
         shake = await open_backend(
@@ -274,20 +275,6 @@ async def _handshake_backend(
         # The backend spoke first, right behind its 101: keep those frames for the relay.
         stream = _Prepended(shake.stream, shake.trailing)
     return BackendLink(backend=backend, stream=stream, scanner=scanner, subprotocol=shake.subprotocol)
-
-
-def _backend_target(base: str, client_target: bytes) -> bytes:
-    """The request target for the backend: its URL's path as a prefix of the client's path, queries merged.
-
-    ``ws://h/game?build=42`` and a client's ``/room?a=1`` give ``/game/room?build=42&a=1``.
-    """
-    if base in ("", "/"):
-        return client_target
-    base_path, _, base_query = base.encode("utf-8").partition(b"?")
-    client_path, _, client_query = client_target.partition(b"?")
-    path = base_path.rstrip(b"/") + client_path if client_path != b"/" else base_path
-    query = b"&".join(part for part in (base_query, client_query) if part)
-    return path + b"?" + query if query else path
 
 
 class _Prepended(trio.abc.Stream):
