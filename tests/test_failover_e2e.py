@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from atlas.config import AdminConfig, Config, ProxyConfig, ServerConfig
 from atlas.supervisor import AtlasStarted, serve_atlas
+from tests.wsclient import until
 
 ECHO_SERVER = Path(__file__).resolve().parent.parent / "examples" / "echo_server.py"
 
@@ -43,15 +44,6 @@ async def echo_process(name: str) -> AsyncIterator[tuple[trio.Process, int]]:
         with trio.move_on_after(10):
             await process.wait()
         await process.stdout.aclose()
-
-
-async def until(condition: Callable[[], bool], *, seconds: float = 10.0) -> None:
-    """Wait (bounded) for a condition on Atlas's state that no event announces."""
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        await trio.sleep(0.01)
-    raise AssertionError("condition not reached in time")
 
 
 async def test_backend_killed_under_200_clients_every_client_moves_nothing_lost() -> None:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-__all__ = ["open_ws"]
+__all__ = ["open_ws", "until"]
+
+
+async def until(condition: Callable[[], bool], *, seconds: float = 10.0) -> None:
+    """Wait (bounded) for a condition that no event announces (state inside Atlas or a server)."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await trio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
 
 
 @asynccontextmanager

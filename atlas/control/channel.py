@@ -51,6 +51,7 @@ __all__ = ["ChannelClosed", "ControlChannel", "ControlChannels", "serve_control_
 log = logging.getLogger("atlas.control")
 
 _RECONCILE_PERIOD = 1.0
+_MAX_EARLY = 1024
 _MAX_BACKOFF = 10.0
 _Reply = TransferReady | TransferReject | TransferState | TransferCommitted | TransferAbort
 
@@ -69,6 +70,8 @@ class ControlChannel:
     last_load: Load | None = None
     ready: bool = True
     _waiting: dict[str, trio.MemorySendChannel[_Reply | None]] = attrs.field(factory=dict)
+    # A refusal nobody was waiting for yet (a source rejecting at `notice`): kept for the next request.
+    _early: dict[str, _Reply] = attrs.field(factory=dict)
 
     async def send(self, message: AtlasMessage) -> None:
         """Send one message; :class:`ChannelClosed` if the channel is down."""
@@ -81,6 +84,9 @@ class ControlChannel:
 
     async def request(self, message: AtlasMessage, transfer: str) -> _Reply:
         """Send ``message`` and wait for the server's reply about ``transfer`` (caller bounds the wait)."""
+        early = self._early.pop(transfer, None)
+        if early is not None:
+            return early
         send, receive = trio.open_memory_channel[_Reply | None](1)
         self._waiting[transfer] = send
         try:
@@ -102,7 +108,10 @@ class ControlChannel:
             return
         waiter = self._waiting.get(message.transfer)
         if waiter is None:
-            log.debug("control %s: no transfer %s waits for %s", self.backend, message.transfer, message)
+            if isinstance(message, TransferReject | TransferAbort) and len(self._early) < _MAX_EARLY:
+                self._early[message.transfer] = message
+            else:
+                log.debug("control %s: no transfer %s waits for %s", self.backend, message.transfer, message)
             return
         try:
             waiter.send_nowait(message)

@@ -242,7 +242,11 @@ class TransferCoordinator:
         target = runtime.pool.get(record.target)
         if target is None:
             raise _RollBack(f"{record.target} was removed")
-        timeout_ms = int(runtime.config.transfer.timeout * 1000)
+        deadline = trio.current_time() + runtime.config.transfer.timeout
+
+        def time_left_ms() -> int:
+            return max(0, int((deadline - trio.current_time()) * 1000))
+
         source_channel = self.channels.get(record.source)
         target_channel = self.channels.get(record.target)
         if not record.blind and (source_channel is None or target_channel is None):
@@ -256,7 +260,7 @@ class TransferCoordinator:
                     client=record.client_id,
                     target=record.target,
                     reason=record.reason.value,
-                    timeout_ms=timeout_ms,
+                    timeout_ms=time_left_ms(),
                 ),
             )
             reply = await _ask(
@@ -266,7 +270,7 @@ class TransferCoordinator:
                     client=record.client_id,
                     source=record.source,
                     reason=record.reason.value,
-                    timeout_ms=timeout_ms,
+                    timeout_ms=time_left_ms(),
                 ),
                 record.id,
             )
@@ -288,7 +292,10 @@ class TransferCoordinator:
             state = await _ask(
                 source_channel,
                 TransferBegin(
-                    transfer=record.id, client=record.client_id, delivered=delivered, timeout_ms=timeout_ms
+                    transfer=record.id,
+                    client=record.client_id,
+                    delivered=delivered,
+                    timeout_ms=time_left_ms(),
                 ),
                 record.id,
             )
@@ -300,7 +307,7 @@ class TransferCoordinator:
             reply = await _ask(
                 target_channel,
                 TransferCommit(
-                    transfer=record.id, client=record.client_id, state=state.state, timeout_ms=timeout_ms
+                    transfer=record.id, client=record.client_id, state=state.state, timeout_ms=time_left_ms()
                 ),
                 record.id,
             )

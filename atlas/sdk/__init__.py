@@ -1,0 +1,33 @@
+"""The Python SDK for game servers behind Atlas: a small :class:`GameServer` base on trio.
+
+A game subclasses :class:`GameServer`, overrides the hooks it needs, and serves::
+
+    class Echo(GameServer):
+        async def on_message(self, player: Player, message: str | bytes) -> None:
+            await player.send(message)
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(Echo("echo-1", port=8081).serve)
+
+The SDK implements the server side of Atlas's control protocol (docs/protocol.md): ``hello`` and
+``welcome``, ``load`` reports, and both sides of a transfer with a state handoff, so a player moves
+between servers without its connection dropping and without a message lost, duplicated or reordered.
+docs/sdk.md is the guide. Everything public is re-exported here; the ``_*`` modules are private.
+"""
+
+from atlas.sdk._handoff import Direction, TransferInfo
+from atlas.sdk._links import CLIENT_ID_HEADER, HEALTH_CHECK_HEADER, TRANSFER_HEADER
+from atlas.sdk._player import Player, PlayerDisconnected
+from atlas.sdk._server import GameServer, GameServerStatistics
+
+__all__ = [
+    "CLIENT_ID_HEADER",
+    "HEALTH_CHECK_HEADER",
+    "TRANSFER_HEADER",
+    "Direction",
+    "GameServer",
+    "GameServerStatistics",
+    "Player",
+    "PlayerDisconnected",
+    "TransferInfo",
+]

@@ -1,0 +1,286 @@
+"""The :class:`GameServer` base class: the hooks a game overrides, and serving (one port for everything)."""
+
+from __future__ import annotations
+
+import logging
+import types
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+import trio
+from trio_websocket import WebSocketRequest
+
+from atlas.sdk._channel import ControlChannel
+from atlas.sdk._control import serve_control
+from atlas.sdk._handoff import TransferInfo
+from atlas.sdk._links import serve_link
+from atlas.sdk._player import Player, PlayerDisconnected
+from atlas.sdk._transfers import Transfers
+from atlas.sdk._transport import accept, open_listeners, serve_requests
+
+__all__ = ["GameServer", "GameServerStatistics"]
+
+logger = logging.getLogger("atlas.sdk")
+
+_DEFAULT_MAX_MESSAGE_SIZE: Final = 1024 * 1024
+
+
+@attrs.frozen
+class GameServerStatistics:
+    """A snapshot of a :class:`GameServer` (see :meth:`GameServer.statistics`)."""
+
+    players: int
+    """Players installed now."""
+    control_channels: int
+    """Control channels from Atlas open now."""
+    transfers_in_progress: int
+    """Transfers under way on this server, as source or target."""
+    transfers_completed: int
+    """Players handed to another server (this server the source) since it started."""
+    transfers_committed: int
+    """Players taken from another server (this server the target) since it started."""
+    transfers_aborted: int
+    """Transfers rolled back, on either side, since the server started."""
+
+
+class GameServer:
+    """The base of a game server that speaks Atlas's control protocol (docs/sdk.md has a tutorial).
+
+    Subclass it and override the hooks (``on_connect``, ``on_message``, ``on_disconnect`` and, for
+    transfers, ``on_transfer_prepare``, ``on_transfer_out``, ``on_transfer_in``, ``on_transfer_aborted``,
+    ``on_transfer_in_aborted``); then ``await nursery.start(server.serve)``.
+
+    One port serves both kinds of WebSocket Atlas opens: the *control channel* on ``control_path``
+    (configure Atlas's ``control_url`` as ``ws://host:port/atlas/control``) and *data links*, one per
+    client, on any other path. Each player's messages reach ``on_message`` one at a time, in order.
+
+    :param name: this server's name, sent in ``welcome`` (use the name Atlas's configuration gives it).
+    :param host: the address to listen on.
+    :param port: the port to listen on; 0 picks a free one (``serve`` reports it).
+    :param control_path: the path of the control endpoint.
+    :param capacity: players this server takes; reported in ``load``, and an incoming transfer is
+        refused when it is reached.
+    :param load_interval: seconds between ``load`` reports on each control channel.
+    :param handoff_timeout: seconds this server waits for Atlas's next step of a transfer (between the
+        steps Atlas times itself) before rolling the transfer back on its own.
+    :param send_timeout: seconds a player's outbox may stay full, or one message may take to go out,
+        before the player is dropped as too slow.
+    :param outbox_size: messages buffered per player between :meth:`Player.send` and the socket.
+    :param max_message_size: the largest message accepted from a client or from Atlas (bytes or
+        characters); bigger ones close the link with 1009.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        control_path: str = "/atlas/control",
+        capacity: int = 1000,
+        load_interval: float = 5.0,
+        handoff_timeout: float = 30.0,
+        send_timeout: float = 10.0,
+        outbox_size: int = 256,
+        max_message_size: int = _DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        if not name:
+            raise ValueError("a game server needs a name")
+        if not control_path.startswith("/"):
+            raise ValueError(f"control_path must start with '/': {control_path!r}")
+        if capacity < 0:
+            raise ValueError(f"capacity must be 0 or more, not {capacity}")
+        for what, value in (
+            ("load_interval", load_interval),
+            ("handoff_timeout", handoff_timeout),
+            ("send_timeout", send_timeout),
+        ):
+            if not value > 0:
+                raise ValueError(f"{what} must be positive, not {value}")
+        if outbox_size < 1 or max_message_size < 1:
+            raise ValueError("outbox_size and max_message_size must be positive")
+        self.name = name
+        self.host = host
+        self.port = port
+        self.control_path = control_path
+        self.capacity = capacity
+        self.load_interval = load_interval
+        self.handoff_timeout = handoff_timeout
+        self.send_timeout = send_timeout
+        self.outbox_size = outbox_size
+        self.max_message_size = max_message_size
+        self.tick_ms: float = 0.0
+        """The game loop's current tick time in milliseconds, reported in ``load`` (the game sets it)."""
+        self.accepting: bool = True
+        """Whether this server takes new players; reported in ``load``, and when False an incoming
+        transfer is refused (the game sets it, for example to drain)."""
+        self._players: dict[str, Player] = {}
+        self._players_view: Mapping[str, Player] = types.MappingProxyType(self._players)
+        self._transfers = Transfers()
+        self._channels: set[ControlChannel] = set()
+
+    # -- hooks -----------------------------------------------------------------------------------------
+
+    async def on_connect(self, player: Player) -> None:
+        """A new player connected (a plain data link). It is in :attr:`players` already.
+
+        Not called for a player that arrives by transfer (see :meth:`on_transfer_in`). If this raises,
+        the player is disconnected (close 1011) and :meth:`on_disconnect` is called with ``"error"``.
+        """
+
+    async def on_message(self, player: Player, message: str | bytes) -> None:
+        """A message from ``player`` (``str`` for a text frame, ``bytes`` for binary).
+
+        A player's messages come one at a time, in order: the next one waits until this returns, and
+        :attr:`Player.received` counts those that returned. If this raises, the player is disconnected
+        (close 1011, ``on_disconnect`` with ``"error"``), except for a :class:`PlayerDisconnected`
+        about another player, which is ignored.
+        """
+
+    async def on_disconnect(self, player: Player, reason: str) -> None:
+        """``player`` left; it is no longer in :attr:`players` and cannot be sent to.
+
+        Called exactly once for every player that :meth:`on_connect` or :meth:`on_transfer_in` was
+        called for. ``reason``: ``"closed"`` (the client or Atlas closed the link), ``"transferred"``
+        (it moved to another server), ``"kicked"`` (:meth:`Player.close`), ``"too_slow"``,
+        ``"error"`` (a hook raised), ``"shutdown"`` (the server is stopping) or ``"transfer_aborted"``
+        (it was arriving by transfer, :meth:`on_transfer_in` ran, and the transfer was rolled back).
+        Bounded to 5 s; it runs even while the server shuts down.
+        """
+
+    async def on_transfer_prepare(self, info: TransferInfo) -> bool:
+        """A transfer involving this server is announced; return False to refuse it.
+
+        ``info.direction`` is ``"in"`` on the target (``transfer.prepare``: the answer is
+        ``transfer.ready`` or ``transfer.reject``) and ``"out"`` on the source (``transfer.notice``,
+        with ``info.player``; refusing sends ``transfer.reject`` and the transfer is rolled back). Must
+        answer within ``info.timeout`` seconds, or the transfer is refused. The default accepts.
+        """
+        return True
+
+    async def on_transfer_out(self, player: Player) -> Any:
+        """Snapshot ``player`` for the target server; return its state (anything JSON can encode).
+
+        Called on the source once every message Atlas delivered has been processed and the player's
+        sends are held (sends from now on are queued: dropped if the player leaves, flushed if the
+        transfer is aborted). Keep the player until :meth:`on_disconnect` (``"transferred"``) or
+        :meth:`on_transfer_aborted`. The default returns ``player.data``.
+        """
+        return player.data
+
+    async def on_transfer_in(self, player: Player, state: Any) -> None:
+        """Install ``player`` arriving from another server, with the ``state`` its source returned.
+
+        ``player`` is in :attr:`players` already; its messages and sends start flowing once this returns
+        (sends made in here are queued until then). If this raises or runs past the commit deadline,
+        the transfer is aborted and :meth:`on_disconnect` is called with ``"transfer_aborted"``. The
+        default updates ``player.data`` with ``state`` when it is a dict.
+        """
+        if isinstance(state, dict):
+            player.data.update(state)
+
+    async def on_transfer_aborted(self, player: Player) -> None:
+        """On the source: a transfer of ``player`` that :meth:`on_transfer_prepare` agreed to was rolled back.
+
+        The player stays here as if nothing happened; its queued sends have been sent, in order.
+        Bounded to 5 s. The default does nothing.
+        """
+
+    async def on_transfer_in_aborted(self, info: TransferInfo, reason: str) -> None:
+        """On the target: a transfer that :meth:`on_transfer_prepare` agreed to was rolled back.
+
+        Release whatever was reserved for the player. Bounded to 5 s. The default does nothing.
+        """
+
+    # -- serving ---------------------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve data links and the control endpoint on ``host:port`` until cancelled.
+
+        Supports ``nursery.start``: ``port = await nursery.start(server.serve)`` returns the bound port
+        once the server accepts connections. Every task it runs is in a nursery it owns; one client's
+        or one channel's failure is logged and ends that connection only.
+
+        :raises OSError: the address cannot be bound (before ``task_status.started``).
+        """
+        listeners = await open_listeners(self.host, self.port)
+        await serve_requests(
+            listeners,
+            self._route,
+            name=self.name,
+            max_message_size=self.max_message_size,
+            task_status=task_status,
+        )
+
+    async def _route(self, request: WebSocketRequest) -> None:
+        if urllib.parse.urlsplit(request.path).path == self.control_path:
+            ws = await accept(request)
+            if ws is not None:
+                await serve_control(self, ws)
+        else:
+            await serve_link(self, request)
+
+    # -- players ---------------------------------------------------------------------------------------
+
+    @property
+    def players(self) -> Mapping[str, Player]:
+        """The players on this server by client id (a read-only live view)."""
+        return self._players_view
+
+    async def send_to(self, player_id: str, message: str | bytes) -> bool:
+        """Send ``message`` to the player ``player_id``; False if no such player is here (or it left)."""
+        player = self._players.get(player_id)
+        if player is None:
+            return False
+        try:
+            await player.send(message)
+        except PlayerDisconnected:
+            return False
+        return True
+
+    async def broadcast(self, message: str | bytes, *, exclude: Player | None = None) -> int:
+        """Send ``message`` to every player (but ``exclude``); returns how many it went to."""
+        reached = 0
+        for player in list(self._players.values()):
+            if player is exclude:
+                continue
+            try:
+                await player.send(message)
+            except PlayerDisconnected:
+                continue
+            reached += 1
+        return reached
+
+    def statistics(self) -> GameServerStatistics:
+        """A snapshot of this server's counters."""
+        transfers = self._transfers
+        return GameServerStatistics(
+            players=len(self._players),
+            control_channels=len(self._channels),
+            transfers_in_progress=len(transfers.outgoing) + len(transfers.incoming),
+            transfers_completed=transfers.completed,
+            transfers_committed=transfers.committed,
+            transfers_aborted=transfers.aborted,
+        )
+
+    # -- used by the SDK's modules ---------------------------------------------------------------------
+
+    def _install(self, player: Player) -> None:
+        self._players[player.id] = player
+        player._installed = True
+
+    def _uninstall(self, player: Player) -> None:
+        if self._players.get(player.id) is player:
+            del self._players[player.id]
+
+    def _why_not_admit(self, client: str) -> str | None:
+        """Why an incoming transfer of ``client`` is refused, or None."""
+        if not self.accepting:
+            return f"{self.name} is not accepting players"
+        if len(self._players) >= self.capacity:
+            return f"{self.name} is full ({len(self._players)}/{self.capacity} players)"
+        if client in self._players:
+            return f"client {client} is already connected to {self.name}"
+        return None
