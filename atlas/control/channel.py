@@ -20,7 +20,7 @@ import contextlib
 import logging
 import math
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 import trio
@@ -39,6 +39,7 @@ from atlas.control.messages import (
     TransferCommitted,
     TransferReady,
     TransferReject,
+    TransferRequest,
     TransferState,
     Welcome,
     decode_from_server,
@@ -56,6 +57,10 @@ _MAX_BACKOFF = 10.0
 _Reply = TransferReady | TransferReject | TransferState | TransferCommitted | TransferAbort
 
 
+def _no_requests(_channel: ControlChannel, _request: TransferRequest) -> None:
+    """The default ``on_request``: no coordinator, no transfers."""
+
+
 class ChannelClosed(Exception):
     """The control channel dropped (or was never up) while a request needed it."""
 
@@ -69,6 +74,9 @@ class ControlChannel:
     welcome: Welcome
     last_load: Load | None = None
     ready: bool = True
+    on_request: Callable[[ControlChannel, TransferRequest], None] = attrs.field(
+        default=lambda _channel, _request: None
+    )
     _waiting: dict[str, trio.MemorySendChannel[_Reply | None]] = attrs.field(factory=dict)
     # A refusal nobody was waiting for yet (a source rejecting at `notice`): kept for the next request.
     _early: dict[str, _Reply] = attrs.field(factory=dict)
@@ -106,6 +114,9 @@ class ControlChannel:
             return
         if isinstance(message, Welcome):
             return
+        if isinstance(message, TransferRequest):
+            self.on_request(self, message)
+            return
         waiter = self._waiting.get(message.transfer)
         if waiter is None:
             if isinstance(message, TransferReject | TransferAbort) and len(self._early) < _MAX_EARLY:
@@ -128,10 +139,15 @@ class ControlChannel:
 
 
 class ControlChannels:
-    """The live control channels by backend name (read by the transfer coordinator)."""
+    """The live control channels by backend name (read by the transfer coordinator).
+
+    ``on_request`` is called (synchronously) with each ``transfer.request`` a server sends, and the
+    channel it came on; the transfer coordinator sets it.
+    """
 
     def __init__(self) -> None:
         self._channels: dict[str, ControlChannel] = {}
+        self.on_request: Callable[[ControlChannel, TransferRequest], None] = _no_requests
 
     def get(self, backend: str) -> ControlChannel | None:
         """The backend's channel if it is up, else None (the backend then gets blind transfers)."""
@@ -215,7 +231,7 @@ async def _serve_one(runtime: Runtime, channels: ControlChannels, backend: str, 
                 first = decode_from_server(await ws.get_message())
             if not isinstance(first, Welcome) or first.version != PROTOCOL_VERSION:
                 raise ProtocolError(f"expected welcome with version {PROTOCOL_VERSION}, got {first!r}")
-            channel = ControlChannel(backend=backend, ws=ws, welcome=first)
+            channel = ControlChannel(backend=backend, ws=ws, welcome=first, on_request=channels.on_request)
             channels._set(channel)
             log.info("control channel of %s up (%s)", backend, first.server, extra={"server": backend})
             try:

@@ -32,6 +32,7 @@ import attrs
 import trio
 from prometheus_client import Counter, Histogram
 
+from atlas.control import messages
 from atlas.control.channel import ChannelClosed, ControlChannel, ControlChannels
 from atlas.control.lifecycle import Phase, TransferReason, TransferRecord
 from atlas.control.messages import (
@@ -113,6 +114,14 @@ class _Request:
     """The target link while the transfer owns it (before the switch), for the rollback to close."""
 
 
+@attrs.frozen
+class _Answer:
+    """An answer to a server's ``transfer.request``, sent from the coordinator's nursery."""
+
+    channel: ControlChannel
+    message: messages.TransferAccepted | messages.TransferRefused
+
+
 class _Metrics:
     def __init__(self, runtime: Runtime) -> None:
         registry = runtime.metrics.registry
@@ -151,15 +160,19 @@ class TransferCoordinator:
         self.active: dict[str, TransferRecord] = {}
         self._prefix = os.urandom(3).hex()
         self._ids = itertools.count(1)
-        self._send, self._receive = trio.open_memory_channel[_Request](_QUEUE)
+        self._send, self._receive = trio.open_memory_channel[_Request | _Answer](_QUEUE)
         self._metrics = _Metrics(runtime)
+        channels.on_request = self._on_server_request
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run transfers until cancelled: one task each, in a nursery owned here."""
         async with trio.open_nursery() as nursery:
             task_status.started()
-            async for request in self._receive:
-                nursery.start_soon(self._run, request)
+            async for item in self._receive:
+                if isinstance(item, _Request):
+                    nursery.start_soon(self._run, item)
+                else:
+                    nursery.start_soon(_tell, item.channel, item.message)
 
     def request(self, client_id: str, target: str, reason: TransferReason) -> _Request:
         """Check and queue a transfer; :class:`TransferRefused` says why it cannot start."""
@@ -194,6 +207,23 @@ class TransferCoordinator:
             raise TransferRefused("too many transfers queued; try again later") from None
         self.active[client_id] = record
         return request
+
+    def _on_server_request(self, channel: ControlChannel, message: messages.TransferRequest) -> None:
+        """A game server asked to move one of its players (``transfer.request``): start it or refuse."""
+        answer: messages.TransferAccepted | messages.TransferRefused
+        try:
+            session = self.runtime.clients.get(message.client)
+            if session is None or session.link.backend.name != channel.backend:
+                raise TransferRefused(f"client {message.client} is not on {channel.backend}")
+            started = self.request(message.client, message.target, TransferReason(message.reason))
+        except TransferRefused as exc:
+            answer = messages.TransferRefused(request=message.request, reason=str(exc))
+        else:
+            answer = messages.TransferAccepted(request=message.request, transfer=started.record.id)
+        try:
+            self._send.send_nowait(_Answer(channel, answer))
+        except trio.WouldBlock:
+            log.warning("transfer queue full: the answer to %s's request is dropped", channel.backend)
 
     async def transfer(self, client_id: str, target: str, reason: TransferReason) -> TransferOutcome:
         """Move ``client_id`` to ``target`` and wait for the outcome (committed or rolled back)."""

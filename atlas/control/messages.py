@@ -24,6 +24,7 @@ __all__ = [
     "ProtocolError",
     "ServerMessage",
     "TransferAbort",
+    "TransferAccepted",
     "TransferBegin",
     "TransferCommit",
     "TransferCommitted",
@@ -31,7 +32,9 @@ __all__ = [
     "TransferNotice",
     "TransferPrepare",
     "TransferReady",
+    "TransferRefused",
     "TransferReject",
+    "TransferRequest",
     "TransferState",
     "Welcome",
     "decode_from_atlas",
@@ -113,6 +116,20 @@ class TransferComplete(_Message, tag="transfer.complete"):
     client: str
 
 
+class TransferAccepted(_Message, tag="transfer.accepted"):
+    """Answer to a server's ``transfer.request``: the transfer ``transfer`` has started."""
+
+    request: str
+    transfer: str
+
+
+class TransferRefused(_Message, tag="transfer.refused"):
+    """Answer to a server's ``transfer.request``: no transfer, and why."""
+
+    request: str
+    reason: str
+
+
 class TransferAbort(_Message, tag="transfer.abort"):
     """To both: the transfer is rolled back; the source keeps (or resumes) the client."""
 
@@ -165,6 +182,19 @@ class TransferState(_Message, tag="transfer.state"):
     sent: int
 
 
+class TransferRequest(_Message, tag="transfer.request"):
+    """From a server: please move ``client`` (one of its players) to the server named ``target``.
+
+    ``request`` is the server's own id for the request; Atlas answers ``transfer.accepted`` (then runs
+    the transfer as usual) or ``transfer.refused``.
+    """
+
+    request: str
+    client: str
+    target: str
+    reason: Reason = "client_request"
+
+
 class TransferCommitted(_Message, tag="transfer.committed"):
     """From the target: it owns the client; its messages may flow."""
 
@@ -179,11 +209,20 @@ AtlasMessage = (
     | TransferCommit
     | TransferComplete
     | TransferAbort
+    | TransferAccepted
+    | TransferRefused
 )
 """Any message Atlas sends."""
 
 ServerMessage = (
-    Welcome | Load | TransferReady | TransferReject | TransferState | TransferCommitted | TransferAbort
+    Welcome
+    | Load
+    | TransferReady
+    | TransferReject
+    | TransferState
+    | TransferCommitted
+    | TransferAbort
+    | TransferRequest
 )
 """Any message a game server sends."""
 
