@@ -1,7 +1,7 @@
 """The ``atlas`` command line: serve, init, check, an interactive client, and the admin commands.
 
-``status``, ``servers``, ``clients`` and ``drain`` talk to a running Atlas through its admin API
-(`atlas.ops.client.AdminClient`).
+``status``, ``servers``, ``clients``, ``drain`` and ``transfer`` talk to a running Atlas through its
+admin API (`atlas.ops.client.AdminClient`).
 
 Every failure a user can cause (a bad config, a busy port, an unreachable address) ends as one line on
 stderr and a non-zero exit status, never a traceback.
@@ -22,11 +22,12 @@ import trio
 
 from atlas import __version__
 from atlas.config import Config, write_default_config
+from atlas.control.lifecycle import TransferReason
 from atlas.demo.client import run_client
 from atlas.demo.servers import serve_demo_cluster
 from atlas.errors import ConfigError, StartupError
 from atlas.logs import configure_logging
-from atlas.ops._render import render_clients, render_drain, render_servers, render_status
+from atlas.ops._render import render_clients, render_drain, render_servers, render_status, render_transfer
 from atlas.ops.client import DEFAULT_ADMIN_URL, AdminClient, AdminError
 from atlas.supervisor import run_until_signalled
 
@@ -78,6 +79,17 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("clients", parents=[admin], help="list the connected clients")
     drain = commands.add_parser("drain", parents=[admin], help="send no new clients to a server")
     drain.add_argument("name", metavar="NAME", help="server name")
+    transfer = commands.add_parser(
+        "transfer", parents=[admin], help="move a client to another server, without disconnecting it"
+    )
+    transfer.add_argument("client", metavar="CLIENT", help="client id (see atlas clients)")
+    transfer.add_argument("server", metavar="SERVER", help="target server name")
+    transfer.add_argument(
+        "--reason",
+        choices=[r.value for r in TransferReason],
+        default=TransferReason.ADMIN.value,
+        help="why, as the servers are told (default: admin)",
+    )
     return parser
 
 
@@ -177,26 +189,39 @@ def _client(args: argparse.Namespace) -> int:
         return 130
 
 
-#: The admin commands: the call each makes, and how its answer reads in a terminal.
-_ADMIN_COMMANDS: dict[str, tuple[Callable[[AdminClient, argparse.Namespace], Any], Callable[[Any], str]]] = {
-    "status": (lambda api, _args: api.status(), render_status),
-    "servers": (lambda api, _args: api.servers(), render_servers),
-    "clients": (lambda api, _args: api.clients(), render_clients),
-    "drain": (lambda api, args: api.drain(args.name), render_drain),
+@attrs.frozen
+class _AdminCommand:
+    """An admin command: the call it makes, how its answer reads, and whether the answer is a success."""
+
+    call: Callable[[AdminClient, argparse.Namespace], Any]
+    render: Callable[[Any], str]
+    succeeded: Callable[[Any], bool] = lambda _answer: True
+
+
+_ADMIN_COMMANDS: dict[str, _AdminCommand] = {
+    "status": _AdminCommand(lambda api, _args: api.status(), render_status),
+    "servers": _AdminCommand(lambda api, _args: api.servers(), render_servers),
+    "clients": _AdminCommand(lambda api, _args: api.clients(), render_clients),
+    "drain": _AdminCommand(lambda api, args: api.drain(args.name), render_drain),
+    "transfer": _AdminCommand(
+        lambda api, args: api.transfer(args.client, args.server, reason=args.reason),
+        render_transfer,
+        succeeded=lambda outcome: outcome["outcome"] == "committed",
+    ),
 }
 
 
 def _admin(args: argparse.Namespace) -> int:
-    call, render = _ADMIN_COMMANDS[args.command]
+    command = _ADMIN_COMMANDS[args.command]
     url = args.url or os.environ.get("ATLAS_ADMIN_URL") or DEFAULT_ADMIN_URL
     token = args.token or os.environ.get("ATLAS_ADMIN_TOKEN") or None
     try:
         with AdminClient(url, token=token) as api:
-            answer = call(api, args)
+            answer = command.call(api, args)
     except AdminError as exc:
         return _error(str(exc))
-    print(json.dumps(answer, indent=2) if args.json else render(answer))
-    return 0
+    print(json.dumps(answer, indent=2) if args.json else command.render(answer))
+    return 0 if command.succeeded(answer) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

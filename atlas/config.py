@@ -529,6 +529,12 @@ class TransferConfig:
     cooldown: float = attrs.field(default=60.0, validator=_seconds(allow_zero=True))
     """Seconds before the rebalancer moves the same client again."""
 
+    @low_watermark.validator
+    def _below_high(self, _attribute: attrs.Attribute[float], value: float) -> None:
+        # Checked when the record is built (the per-field pass has no record yet: self is None then).
+        if self is not None and value > self.high_watermark:
+            raise ValueError(f"low_watermark ({value}) must be <= high_watermark ({self.high_watermark})")
+
 
 @attrs.frozen
 class AdminConfig:

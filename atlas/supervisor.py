@@ -7,6 +7,8 @@ The tree (docs/architecture.md draws it)::
      ├─ health nursery (serve_health_checks): one checker per backend
      ├─ control channels (serve_control_channels): one task per backend with a control endpoint
      ├─ transfer coordinator (TransferCoordinator.serve): one task per transfer, each in its own scope
+     ├─ drains (serve_drains): one mover per draining backend, moving its clients away at a bounded rate
+     ├─ rebalancer (serve_rebalancer): rounds of load-balancing transfers, when [transfer] rebalance is on
      └─ ops server (serve_ops): admin API, /metrics, Horizon registration (hypercorn on trio)
  Shutdown is a drain followed by one cancellation of the root scope:
 the ``shutdown`` event makes the listener stop accepting and close its clients with 1001 within
@@ -25,6 +27,8 @@ import trio
 from atlas.config import Config
 from atlas.control.channel import ControlChannels, serve_control_channels
 from atlas.control.coordinator import TransferCoordinator
+from atlas.control.drain import serve_drains
+from atlas.control.rebalancer import serve_rebalancer
 from atlas.errors import StartupError
 from atlas.health import serve_health_checks
 from atlas.ops.server import OpsListening, serve_ops
@@ -75,6 +79,8 @@ async def serve_atlas(
                 lambda task_status: serve_control_channels(runtime, channels, task_status=task_status)
             )
             await root.start(transfers.serve)
+            await root.start(serve_drains, runtime)
+            await root.start(serve_rebalancer, runtime)
             proxy_done = trio.Event()
 
             async def proxy(task_status: trio.TaskStatus[ProxyListening]) -> None:

@@ -554,3 +554,9 @@ def test_write_default_config_reports_unwritable_path(tmp_path: Path) -> None:
 def test_names_allow_common_characters() -> None:
     for name in ["horizon-0-0-0", "eu_1.prod", "サーバー", string.digits]:
         assert _valid_name(name)
+
+
+def test_low_watermark_above_high_watermark() -> None:
+    assert errors_of("[transfer]\nlow_watermark = 0.9\nhigh_watermark = 0.5\n") == [
+        "transfer: low_watermark (0.9) must be <= high_watermark (0.5)"
+    ]

@@ -416,6 +416,8 @@ def test_token_guards_every_admin_endpoint() -> None:
         ("GET", "/api/v1/clients"),
         ("GET", f"/api/v1/clients/{session.client_id}"),
         ("DELETE", f"/api/v1/clients/{session.client_id}"),
+        ("POST", f"/api/v1/clients/{session.client_id}/transfer"),
+        ("GET", "/api/v1/transfers"),
     ]
     wrong = [
         {},

@@ -195,7 +195,14 @@ async def test_token_from_option_or_environment(
 
 def test_unreachable_admin_api_is_one_line_without_traceback() -> None:
     url = f"http://127.0.0.1:{closed_port()}"
-    for command in (["status"], ["servers", "--json"], ["clients"], ["drain", "game-server-1"]):
+    commands = (
+        ["status"],
+        ["servers", "--json"],
+        ["clients"],
+        ["drain", "game-server-1"],
+        ["transfer", "3fa9c1-17", "game-server-2"],
+    )
+    for command in commands:
         result = subprocess.run(
             [sys.executable, "-m", "atlas", *command, "--url", url],
             capture_output=True,

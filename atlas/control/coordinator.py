@@ -99,6 +99,7 @@ class TransferOutcome:
             "phase": self.phase,
             "failure": self.failure,
             "duration_ms": round(self.duration * 1000, 3),
+            "stall_ms": None if self.stall is None else round(self.stall * 1000, 3),
         }
 
 
@@ -190,7 +191,10 @@ class TransferCoordinator:
         if backend is source:
             raise TransferRefused(f"client {client_id} is already on {target}")
         if not backend.available:
-            raise TransferRefused(f"{target} cannot take a client now ({backend.state.value})")
+            why = backend.state.value
+            if backend.connections >= backend.capacity:
+                why = f"full, {backend.connections}/{backend.capacity}"
+            raise TransferRefused(f"{target} cannot take a client now ({why})")
         blind = self.channels.get(source.name) is None or self.channels.get(target) is None
         record = TransferRecord(
             id=f"t-{self._prefix}-{next(self._ids)}",

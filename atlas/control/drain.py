@@ -10,8 +10,9 @@ of its clients is moved to another backend by the transfer coordinator, reason `
 :func:`serve_drains` runs in the root nursery. It has no hook into the places that drain a backend:
 it reconciles instead, every :data:`RECONCILE_INTERVAL` seconds, the set of draining backends in the
 pool with the movers it runs, one per draining backend, each in its own cancel scope (in a nursery
-owned here). A backend that comes back into service, or leaves the pool, has its mover cancelled; a
-mover that finished is not started again for the same backend record.
+owned here). A backend that comes back into service, or is taken out of the pool while it still has
+clients (a re-registration replaced it: those clients stay with it), has its mover cancelled; a mover
+that finished is not started again for the same backend record.
 
 One mover (``_Mover.run``) paces the *starts* of transfers: one every ``1 / [transfer] drain_rate``
 seconds, at most :data:`MAX_CONCURRENT` under way at once (transfers overlap; a slow one does not
@@ -20,11 +21,11 @@ stop the drain). The target of each client is the pool's balancer's pick among t
 with no checkpoint in between, so the pick is never stale. Clients already being moved (by anyone),
 or that cannot be moved right now (closing, failing over), are skipped and looked at again later.
 
-A client that cannot be moved (no other backend can take it, the transfer was refused or rolled back)
-is retried after :data:`RETRY_DELAY` times its number of failures, at most :data:`MAX_ATTEMPTS` times
-in all; then it is left in place (one log line) and stays until it leaves by itself. The drain is
-finished when the backend has no clients left other than those; one log line says so, with how
-many clients were moved and how many were left.
+A client that cannot be moved (no other backend can take it, the coordinator refused the transfer,
+or it rolled back) is retried after :data:`RETRY_DELAY` times its number of failures, at most
+:data:`MAX_ATTEMPTS` times in all; then it is left in place (one log line) and stays until it leaves
+by itself. The drain is finished when the backend has no clients left other than those; one log line
+says so, with how many clients were moved and how many were left.
 
 A draining backend that *goes down* (fails its probes, is ejected) fails its clients over instead (the
 health monitor's failover, in the sessions): such clients are not movable and leave by themselves.
@@ -119,6 +120,10 @@ class DrainProgress:
     def start(self, client_id: str) -> None:
         """A transfer of ``client_id`` is about to be requested."""
         self.in_flight.add(client_id)
+
+    def abandon(self, client_id: str) -> None:
+        """The transfer of ``client_id`` was not requested after all (it left, or is moving already)."""
+        self.in_flight.discard(client_id)
 
     def succeeded(self, client_id: str) -> None:
         """The client was moved away."""
@@ -227,12 +232,12 @@ class _Mover:
         progress = self.progress
         with self.scope:
             task_status.started(self.scope)
-            sessions = self._sessions()
-            if sessions:
+            announced = bool(self._sessions())
+            if announced:
                 log.info(
                     "drain of %s started: moving %d client(s) away, at most %g per second",
                     name,
-                    len(sessions),
+                    len(self._sessions()),
                     rate,
                     extra={"server": name, "event": "drain_started"},
                 )
@@ -261,7 +266,7 @@ class _Mover:
                         nursery.start_soon(self._move, session.client_id)
                         await trio.sleep(1 / rate)
             self.done = True
-            if sessions or progress.moved:
+            if announced or progress.moved:
                 log.info(
                     "drain of %s finished: moved %d, left %d",
                     name,
@@ -278,6 +283,10 @@ class _Mover:
     async def _move(self, client_id: str) -> None:
         progress = self.progress
         try:
+            session = self.runtime.clients.get(client_id)
+            if session is None or not self._can_move(session):
+                progress.abandon(client_id)  # it left, or something else moves it: not an attempt
+                return
             why: str | None = None
             # No checkpoint between the pick and the request: the target is still available.
             target = self.runtime.pool.choose(exclude={self.backend.name})
@@ -297,7 +306,7 @@ class _Mover:
                 progress.succeeded(client_id)
             elif progress.failed(client_id, why, trio.current_time()):
                 log.warning(
-                    "drain of %s: client %s stays (%d attempts failed, last: %s); it leaves when it leaves",
+                    "drain of %s: client %s stays until it disconnects (%d attempts failed, last: %s)",
                     self.backend.name,
                     client_id,
                     progress.max_attempts,
@@ -314,7 +323,7 @@ class _Mover:
         given_up = [c for c in clients if self.progress.failed(c, why, now)]
         if given_up:
             log.warning(
-                "drain of %s: %d client(s) stay after %d attempts (%s); they leave when they leave",
+                "drain of %s: %d client(s) stay until they disconnect (%d attempts failed, last: %s)",
                 self.backend.name,
                 len(given_up),
                 self.progress.max_attempts,

@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["render_clients", "render_drain", "render_servers", "render_status", "table"]
+__all__ = [
+    "render_clients",
+    "render_drain",
+    "render_servers",
+    "render_status",
+    "render_transfer",
+    "table",
+]
 
 
 def table(
@@ -106,3 +113,10 @@ def render_drain(server: dict[str, Any]) -> str:
     """``atlas drain NAME``: the server's new state and how many clients it still has."""
     left = server["connections"]
     return f"{server['name']}: {server['state']}, {left} client{'' if left == 1 else 's'} left"
+
+
+def render_transfer(outcome: dict[str, Any]) -> str:
+    """``atlas transfer CLIENT SERVER``: ``committed in 3.2 ms`` or ``rolled back: <why>``."""
+    if outcome["outcome"] == "committed":
+        return f"committed in {float(outcome['duration_ms']):.1f} ms"
+    return f"rolled back: {outcome.get('failure') or 'unknown reason'}"

@@ -9,11 +9,12 @@ from atlas import __version__
 from atlas.pool import Backend, BackendState
 
 if TYPE_CHECKING:
+    from atlas.control.lifecycle import TransferRecord
     from atlas.ops.horizon import RegisteredServer
     from atlas.proxy.session import ClientSession
     from atlas.runtime import Runtime
 
-__all__ = ["client_view", "iso_utc", "server_view", "status_view"]
+__all__ = ["client_view", "iso_utc", "server_view", "status_view", "transfer_view"]
 
 
 def iso_utc(timestamp: float) -> str:
@@ -101,4 +102,18 @@ def status_view(runtime: Runtime, *, uptime: float, started_at: float) -> dict[s
             "bytes_up": traffic.bytes_up,
             "bytes_down": traffic.bytes_down,
         },
+    }
+
+
+def transfer_view(record: TransferRecord) -> dict[str, Any]:
+    """One transfer under way."""
+    return {
+        "id": record.id,
+        "client": record.client_id,
+        "from": record.source,
+        "to": record.target,
+        "reason": record.reason.value,
+        "phase": record.phase.value,
+        "blind": record.blind,
+        "elapsed_ms": round(record.duration * 1000, 3),
     }

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
+import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -30,9 +31,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from atlas.control.coordinator import TransferRefused
+from atlas.control.lifecycle import TransferReason
 from atlas.ops._errors import ApiError
 from atlas.ops._servers import Membership
-from atlas.ops._views import client_view, server_view, status_view
+from atlas.ops._views import client_view, server_view, status_view, transfer_view
 from atlas.ops.horizon import (
     HorizonRegistry,
     RegisterOutcome,
@@ -63,6 +66,9 @@ _OPERATOR_CLOSE_CODES: Final = frozenset(
     }
 )
 _MAX_REASON_BYTES: Final = 123  # a Close frame's payload is at most 125 bytes, 2 of them the code
+#: Seconds an admin transfer call may wait beyond ``[transfer] timeout`` plus ``[proxy] close_timeout``
+#: (the coordinator ends every transfer within those; this only bounds the wait if it did not).
+_TRANSFER_GRACE: Final = 5.0
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -88,6 +94,8 @@ def create_app(runtime: Runtime, *, registry: HorizonRegistry | None = None) -> 
         Route("/api/v1/clients", api.admin(api.list_clients), methods=["GET"]),
         Route("/api/v1/clients/{client_id}", api.admin(api.get_client), methods=["GET"]),
         Route("/api/v1/clients/{client_id}", api.admin(api.close_client), methods=["DELETE"]),
+        Route("/api/v1/clients/{client_id}/transfer", api.admin(api.transfer_client), methods=["POST"]),
+        Route("/api/v1/transfers", api.admin(api.list_transfers), methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
@@ -309,6 +317,62 @@ class _Api:
         session.close(code, reason)
         answer = {"id": client_id, "closing": True, "code": code, "reason": reason}
         return JSONResponse(answer, status_code=202)
+
+    # -- transfers -----------------------------------------------------------------------------------
+
+    async def transfer_client(self, request: Request) -> Response:
+        """Move a client to another server and answer with the outcome once it is known.
+
+        200 with the outcome when committed; 409 with the outcome (plus ``error`` and ``status``) when
+        rolled back, or with just the reason when refused before it started; 404 for an unknown
+        client; 503 when the transfer coordinator is not running.
+        """
+        client_id: str = request.path_params["client_id"]
+        target, reason = _transfer_options(await _json_object(request))
+        runtime = self.runtime
+        transfers = runtime.transfers
+        if transfers is None:
+            raise ApiError(503, "transfers are not running")
+        if runtime.clients.get(client_id) is None:
+            raise ApiError(404, f"no client with id {client_id!r}")
+        limit = runtime.config.transfer.timeout + runtime.proxy.close_timeout + _TRANSFER_GRACE
+        # No checkpoint between the lookup above and the request (transfer() checks before it awaits).
+        with trio.move_on_after(limit):
+            try:
+                outcome = await transfers.transfer(client_id, target, reason)
+            except TransferRefused as exc:
+                raise ApiError(409, str(exc)) from None
+            answer = outcome.to_json()
+            if outcome.committed:
+                return JSONResponse(answer)
+            answer.update(error=f"transfer rolled back: {outcome.failure}", status=409)
+            return JSONResponse(answer, status_code=409)
+        raise ApiError(504, f"the transfer of client {client_id} did not end within {limit:g} s")
+
+    async def list_transfers(self, _request: Request) -> Response:
+        """The transfers under way (none when the coordinator is not running)."""
+        transfers = self.runtime.transfers
+        records = list(transfers.active.values()) if transfers is not None else []
+        return JSONResponse([transfer_view(record) for record in records])
+
+
+def _transfer_options(body: dict[str, Any]) -> tuple[str, TransferReason]:
+    unknown = sorted(set(body) - {"to", "reason"})
+    if unknown:
+        raise ApiError(400, f"{unknown[0]}: unknown field")
+    if "to" not in body:
+        raise ApiError(400, "to: missing required field")
+    target = body["to"]
+    if not isinstance(target, str) or not target:
+        raise ApiError(400, "to: expected a server name")
+    reason = body.get("reason", TransferReason.ADMIN.value)
+    if not isinstance(reason, str):
+        raise ApiError(400, "reason: expected a string")
+    try:
+        return target, TransferReason(reason)
+    except ValueError:
+        choices = ", ".join(r.value for r in TransferReason)
+        raise ApiError(400, f"reason: must be one of {choices}, got {reason!r}") from None
 
 
 def _close_options(options: dict[str, Any]) -> tuple[int, str]:

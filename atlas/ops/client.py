@@ -11,10 +11,14 @@ from urllib.parse import quote
 
 import httpx
 
-__all__ = ["DEFAULT_ADMIN_URL", "AdminClient", "AdminError", "AdminUnreachableError"]
+__all__ = ["DEFAULT_ADMIN_URL", "TRANSFER_TIMEOUT", "AdminClient", "AdminError", "AdminUnreachableError"]
 
 #: Where the ops server listens by default (``[admin] listen``).
 DEFAULT_ADMIN_URL: Final = "http://127.0.0.1:9001"
+
+#: Seconds to wait for the answer to a transfer call: it comes when the transfer ended, and Atlas
+#: bounds that by ``[transfer] timeout`` plus a few seconds.
+TRANSFER_TIMEOUT: Final = 60.0
 
 
 class AdminError(Exception):
@@ -48,6 +52,7 @@ class AdminClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self._timeout = timeout
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             self._http = httpx.Client(
@@ -131,6 +136,27 @@ class AdminClient:
         )
         return result
 
+    def transfer(self, client_id: str, server: str, *, reason: str = "admin") -> dict[str, Any]:
+        """``POST /api/v1/clients/{id}/transfer``: move a client and return the outcome.
+
+        A transfer that ran and rolled back is an outcome too (``"outcome": "rolled_back"``, HTTP 409),
+        returned like a committed one; a refusal (already moving, unknown server, ...) is an `AdminError`.
+        """
+        path = f"/api/v1/clients/{_segment(client_id)}/transfer"
+        body = {"to": server, "reason": reason}
+        timeout = max(self._timeout, TRANSFER_TIMEOUT)
+        response = self._request("POST", path, json=body, accept={200, 409}, timeout=timeout)
+        answer = _json(response, self.url, path)
+        if response.status_code == 409 and not (isinstance(answer, dict) and "outcome" in answer):
+            raise AdminError(f"{_error_message(response)} (HTTP 409)", status=409)
+        result: dict[str, Any] = answer
+        return result
+
+    def transfers(self) -> list[dict[str, Any]]:
+        """``GET /api/v1/transfers``: the transfers under way."""
+        result: list[dict[str, Any]] = self._call("GET", "/api/v1/transfers")
+        return result
+
     def metrics(self) -> str:
         """``GET /metrics``: Prometheus text."""
         return self._request("GET", "/metrics", accept={200}).text
@@ -139,19 +165,22 @@ class AdminClient:
 
     def _call(self, method: str, path: str, *, json: Any = None, accept: set[int] | None = None) -> Any:
         response = self._request(method, path, json=json, accept=accept)
-        try:
-            return response.json()
-        except ValueError:
-            raise AdminError(
-                f"unexpected answer from {self.url}{path}: HTTP {response.status_code}, not JSON",
-                status=response.status_code,
-            ) from None
+        return _json(response, self.url, path)
 
     def _request(
-        self, method: str, path: str, *, json: Any = None, accept: set[int] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        accept: set[int] | None = None,
+        timeout: float | None = None,
     ) -> httpx.Response:
         try:
-            response = self._http.request(method, path, json=json)
+            if timeout is None:
+                response = self._http.request(method, path, json=json)
+            else:
+                response = self._http.request(method, path, json=json, timeout=timeout)
         except httpx.TransportError as exc:
             reason = str(exc) or type(exc).__name__
             raise AdminUnreachableError(f"cannot reach the admin API at {self.url}: {reason}") from None
@@ -168,6 +197,16 @@ class AdminClient:
                 status=status,
             )
         raise AdminError(f"{message} (HTTP {status})", status=status)
+
+
+def _json(response: httpx.Response, url: str, path: str) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        raise AdminError(
+            f"unexpected answer from {url}{path}: HTTP {response.status_code}, not JSON",
+            status=response.status_code,
+        ) from None
 
 
 def _error_message(response: httpx.Response) -> str:
