@@ -26,9 +26,9 @@ The policy (:func:`plan_moves`), exactly. With ``load = connections / capacity``
 
 So a source is relieved down to the high watermark (not below it), a target is filled up to the low
 watermark (never above it), and since ``low_watermark <= high_watermark`` a backend filled by the
-rebalancer is never a source of the rebalancer. A configuration with ``low_watermark >
-high_watermark`` would let clients ping-pong between backends that are both "too full" and "too
-empty": the policy then plans nothing (and the rebalancer says so once at start).
+rebalancer is never a source of the rebalancer. (The configuration refuses ``low_watermark >
+high_watermark``, which would let clients ping-pong between backends both "too full" and "too
+empty"; the policy still plans nothing for such settings, should a caller build them by hand.)
 """
 
 from __future__ import annotations
@@ -154,23 +154,14 @@ async def serve_rebalancer(
     transfers = runtime.transfers
     if transfers is None:
         raise RuntimeError("serve_rebalancer needs the transfer coordinator (runtime.transfers)")
-    if config.low_watermark > config.high_watermark:
-        log.warning(
-            "rebalancer: low_watermark %g is above high_watermark %g: it will move nothing",
-            config.low_watermark,
-            config.high_watermark,
-            extra={"event": "rebalance"},
-        )
-    else:
-        log.info(
-            "rebalancer on: every %g s, up to %d client(s) from backends above %g%% load "
-            "to backends up to %g%%",
-            config.rebalance_interval,
-            config.rebalance_batch,
-            config.high_watermark * 100,
-            config.low_watermark * 100,
-            extra={"event": "rebalance"},
-        )
+    log.info(
+        "rebalancer on: every %g s, up to %d client(s) from backends above %g%% load to backends up to %g%%",
+        config.rebalance_interval,
+        config.rebalance_batch,
+        config.high_watermark * 100,
+        config.low_watermark * 100,
+        extra={"event": "rebalance"},
+    )
     last_moved: dict[str, float] = {}
     task_status.started()
     while True:
