@@ -1,0 +1,348 @@
+"""The skim dispatcher: from the relay's tap to the analyzers and live taps, without ever waiting.
+
+Theory of operation
+-------------------
+::
+
+    relay ──offer()──► input channel (bounded) ──fan-out task──┬─► analyzer A's channel ─► A.run
+      send_nowait: a full channel drops the frame               ├─► analyzer B's channel ─► B.run
+      and counts it (dropped_input)                             └─► live taps of that client
+                                                                  send_nowait each: a full channel
+                                                                  drops for that reader only
+
+Every hand-over is a ``send_nowait`` on a bounded memory channel, so nothing downstream can make the
+relay wait: `Dispatcher.offer` is synchronous, never checkpoints and never raises. A stuck analyzer
+fills its own channel and then loses frames (counted per analyzer) while the others, the live taps
+and the input keep flowing. Analyzers run in the nursery `Dispatcher.serve` opens; one that raises
+is logged and stops alone. Events reach the ``on_event`` sink through a synchronous callback, so
+they cannot block either; a sink that raises `trio.WouldBlock` drops the event (counted).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Final
+
+import attrs
+import trio
+
+from atlas.skim._analyzer import Analyzer, EventSink, SkimEvent
+from atlas.skim._frames import SkimFrame
+
+__all__ = ["AnalyzerState", "AnalyzerStatistics", "Dispatcher", "DispatcherStatistics"]
+
+log = logging.getLogger("atlas.skim")
+
+_DEFAULT_SIZE: Final = 1024
+_DEFAULT_ANALYZER_BUFFER: Final = 256
+_DEFAULT_TAP_BUFFER: Final = 64
+
+
+class AnalyzerState(enum.Enum):
+    """Where an analyzer task stands."""
+
+    RUNNING = "running"
+    """Its ``run`` is reading frames."""
+    FINISHED = "finished"
+    """Its ``run`` returned; it gets no more frames."""
+    FAILED = "failed"
+    """Its ``run`` raised (logged); it gets no more frames."""
+    STOPPED = "stopped"
+    """Skimming stopped (`Dispatcher.serve` ended) while it was running."""
+
+
+@attrs.frozen
+class AnalyzerStatistics:
+    """One analyzer's counters (see `DispatcherStatistics.analyzers`)."""
+
+    name: str
+    state: AnalyzerState
+    #: Frames put in its channel.
+    delivered: int
+    #: Frames dropped because its channel was full.
+    dropped: int
+    #: Frames waiting in its channel now.
+    queued: int
+
+
+@attrs.frozen
+class DispatcherStatistics:
+    """A snapshot of a `Dispatcher` (see `Dispatcher.statistics`)."""
+
+    #: Frames the relay offered (``atlas_skim_offered_total``).
+    offered: int
+    #: Frames dropped because the input channel was full (``atlas_skim_dropped_total``).
+    dropped_input: int
+    #: Frames taken from the input channel and handed on to the analyzers and taps.
+    delivered: int
+    #: Frames waiting in the input channel now.
+    queued: int
+    #: Per analyzer, in the order they were given to `Dispatcher.serve`.
+    analyzers: tuple[AnalyzerStatistics, ...]
+    #: Live taps open now, and frames copied to them or dropped because a tap's channel was full.
+    subscribers: int
+    tap_delivered: int
+    tap_dropped: int
+    #: Events analyzers emitted; of those, dropped by the sink (`trio.WouldBlock`) or lost to an
+    #: exception in the sink.
+    events: int
+    events_dropped: int
+    event_errors: int
+
+    @property
+    def dropped_per_analyzer(self) -> dict[str, int]:
+        """Frames each analyzer lost to a full channel, by name (``atlas_skim_analyzer_dropped_total``)."""
+        return {each.name: each.dropped for each in self.analyzers}
+
+
+class _Lane:
+    """One analyzer and the sending end of its channel."""
+
+    __slots__ = ("analyzer", "delivered", "dropped", "send", "state")
+
+    def __init__(self, analyzer: Analyzer, send: trio.MemorySendChannel[SkimFrame]) -> None:
+        self.analyzer = analyzer
+        self.send = send
+        self.state = AnalyzerState.RUNNING
+        self.delivered = 0
+        self.dropped = 0
+
+
+def _check_size(what: str, value: int) -> int:
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{what} must be an integer of at least 1, got {value!r}")
+    return value
+
+
+class Dispatcher:
+    """Takes the frames the relay offers and fans them out to analyzers and live taps.
+
+    One per process. ``size`` bounds the input channel the relay offers to; ``analyzer_buffer`` each
+    analyzer's channel; ``tap_buffer`` each live tap's channel (by default). ``on_event`` receives every
+    event the analyzers emit (a public attribute: it may be set after construction); None discards
+    them. It must return at once; ``some_send_channel.send_nowait`` is a good sink.
+
+    The relay calls `offer`; `serve` runs the analyzers and the fan-out until cancelled (start it with
+    ``nursery.start``); the ops API uses `subscribe` for ``GET /api/v1/clients/{id}/tap`` and the
+    session's end calls `close_client`.
+    """
+
+    def __init__(
+        self,
+        size: int = _DEFAULT_SIZE,
+        *,
+        analyzer_buffer: int = _DEFAULT_ANALYZER_BUFFER,
+        tap_buffer: int = _DEFAULT_TAP_BUFFER,
+        on_event: EventSink | None = None,
+    ) -> None:
+        """Open the input channel.
+
+        Raises:
+            ValueError: a size below 1.
+        """
+        self.size = _check_size("size", size)
+        self.analyzer_buffer = _check_size("analyzer_buffer", analyzer_buffer)
+        self.tap_buffer = _check_size("tap_buffer", tap_buffer)
+        self.on_event = on_event
+        # The receiving end is never closed: offer() can never meet a broken channel.
+        self._input, self._output = trio.open_memory_channel[SkimFrame](size)
+        self._lanes: tuple[_Lane, ...] = ()
+        self._active: tuple[_Lane, ...] = ()
+        self._taps: dict[str, list[trio.MemorySendChannel[SkimFrame]]] = {}
+        self._serving = False
+        self._offered = 0
+        self._dropped_input = 0
+        self._delivered = 0
+        self._tap_delivered = 0
+        self._tap_dropped = 0
+        self._events = 0
+        self._events_dropped = 0
+        self._event_errors = 0
+
+    # -- the relay's side -------------------------------------------------------------------------
+
+    def offer(self, frame: SkimFrame) -> bool:
+        """Hand ``frame`` to the tap without waiting: True if it was queued, False if it was dropped.
+
+        Synchronous, never a checkpoint, never raises. Up to ``size`` frames wait in the input
+        channel (plus one handed straight to the fan-out when it is idle); frames offered while
+        `serve` is not running wait there too.
+        """
+        self._offered += 1
+        try:
+            self._input.send_nowait(frame)
+        except trio.WouldBlock:
+            self._dropped_input += 1
+            return False
+        return True
+
+    def is_tapped(self, client_id: str) -> bool:
+        """Whether a live tap is watching ``client_id`` (the relay may skip sampling for it)."""
+        return client_id in self._taps
+
+    def close_client(self, client_id: str) -> None:
+        """End the live taps of ``client_id`` (its session ended): they read what is queued, then the end."""
+        for send in self._taps.pop(client_id, ()):
+            send.close()
+
+    # -- the analyzers' side ----------------------------------------------------------------------
+
+    async def serve(
+        self,
+        analyzers: Iterable[Analyzer],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run ``analyzers`` and the fan-out until cancelled; reports readiness through ``task_status``.
+
+        Opens its own nursery: one task per analyzer, one fan-out task. May be run again after it
+        ended (with new counters per analyzer), but not twice at once.
+
+        Raises:
+            ValueError: two analyzers have the same name.
+            RuntimeError: `serve` is already running.
+        """
+        if self._serving:
+            raise RuntimeError("this Dispatcher is already serving")
+        analyzers = list(analyzers)
+        names = collections.Counter(analyzer.name for analyzer in analyzers)
+        twice = [name for name, count in names.items() if count > 1]
+        if twice:
+            raise ValueError(f"analyzer names must be unique; {twice[0]!r} is used {names[twice[0]]} times")
+        self._serving = True
+        lanes: list[_Lane] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                for analyzer in analyzers:
+                    send, receive = trio.open_memory_channel[SkimFrame](self.analyzer_buffer)
+                    lane = _Lane(analyzer, send)
+                    lanes.append(lane)
+                    nursery.start_soon(
+                        self._run_analyzer, lane, receive, name=f"skim analyzer {analyzer.name}"
+                    )
+                self._lanes = self._active = tuple(lanes)
+                nursery.start_soon(self._fan_out, name="skim fan-out")
+                task_status.started()
+        finally:
+            self._serving = False
+            self._active = ()
+            for lane in lanes:
+                lane.send.close()
+                if lane.state is AnalyzerState.RUNNING:
+                    lane.state = AnalyzerState.STOPPED
+
+    async def _run_analyzer(self, lane: _Lane, frames: trio.MemoryReceiveChannel[SkimFrame]) -> None:
+        name = lane.analyzer.name
+        # Closing our end (whatever happens) makes the fan-out's send_nowait raise BrokenResourceError,
+        # which retires the lane.
+        with frames:
+            try:
+                await lane.analyzer.run(frames, self._emit)
+            except Exception:
+                lane.state = AnalyzerState.FAILED
+                log.exception(
+                    "skim analyzer %s failed; it gets no more frames",
+                    name,
+                    extra={"analyzer": name, "event": "analyzer_failed"},
+                )
+                return
+        lane.state = AnalyzerState.FINISHED
+        log.info("skim analyzer %s finished", name, extra={"analyzer": name, "event": "analyzer_finished"})
+
+    async def _fan_out(self) -> None:
+        taps = self._taps
+        async for frame in self._output:
+            self._delivered += 1
+            for lane in self._active:
+                try:
+                    lane.send.send_nowait(frame)
+                except trio.WouldBlock:
+                    lane.dropped += 1
+                except trio.BrokenResourceError:
+                    self._active = tuple(each for each in self._active if each is not lane)
+                else:
+                    lane.delivered += 1
+            readers = taps.get(frame.client_id)
+            if readers:
+                for send in readers:
+                    try:
+                        send.send_nowait(frame)
+                    except trio.WouldBlock:
+                        self._tap_dropped += 1
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the reader went away; subscribe() removes it on exit
+                    else:
+                        self._tap_delivered += 1
+
+    def _emit(self, event: SkimEvent) -> None:
+        self._events += 1
+        sink = self.on_event
+        if sink is None:
+            return
+        try:
+            sink(event)
+        except trio.WouldBlock:
+            self._events_dropped += 1
+        except Exception:
+            self._event_errors += 1
+            if self._event_errors == 1:  # later failures are only counted: no log flood per event
+                log.exception("skim event sink failed; further failures are only counted")
+
+    # -- the live tap -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def subscribe(
+        self, client_id: str, *, size: int | None = None
+    ) -> Iterator[trio.MemoryReceiveChannel[SkimFrame]]:
+        """Watch the skimmed frames of ``client_id``: yields a bounded receive channel.
+
+        Its size is ``size``, or the dispatcher's ``tap_buffer``. Frames that do not fit are dropped
+        for this reader only (``tap_dropped``). The channel ends when `close_client` is called;
+        leaving the ``with`` block unsubscribes. A tap sees what the relay offered (after its filter
+        and sampling) while `serve` runs.
+        """
+        send, receive = trio.open_memory_channel[SkimFrame](
+            self.tap_buffer if size is None else _check_size("size", size)
+        )
+        self._taps.setdefault(client_id, []).append(send)
+        try:
+            with receive:
+                yield receive
+        finally:
+            send.close()
+            readers = self._taps.get(client_id)
+            if readers is not None and send in readers:
+                readers.remove(send)
+                if not readers:
+                    del self._taps[client_id]
+
+    # -- counters ---------------------------------------------------------------------------------
+
+    def statistics(self) -> DispatcherStatistics:
+        """A frozen snapshot of the counters."""
+        return DispatcherStatistics(
+            offered=self._offered,
+            dropped_input=self._dropped_input,
+            delivered=self._delivered,
+            queued=self._input.statistics().current_buffer_used,
+            analyzers=tuple(
+                AnalyzerStatistics(
+                    name=lane.analyzer.name,
+                    state=lane.state,
+                    delivered=lane.delivered,
+                    dropped=lane.dropped,
+                    queued=lane.send.statistics().current_buffer_used,
+                )
+                for lane in self._lanes
+            ),
+            subscribers=sum(len(readers) for readers in self._taps.values()),
+            tap_delivered=self._tap_delivered,
+            tap_dropped=self._tap_dropped,
+            events=self._events,
+            events_dropped=self._events_dropped,
+            event_errors=self._event_errors,
+        )
