@@ -42,7 +42,9 @@ from atlas.errors import ConfigError
 __all__ = [
     "AdminConfig",
     "Algorithm",
+    "AnalyzerConfig",
     "BalancerConfig",
+    "CellConfig",
     "Config",
     "FailoverConfig",
     "HealthConfig",
@@ -51,10 +53,16 @@ __all__ = [
     "LogLevel",
     "LoggingConfig",
     "OutlierConfig",
+    "PredictorConfig",
     "ProbeKind",
     "ProxyConfig",
+    "RegionConfig",
     "ServerConfig",
+    "SkimConfig",
+    "SkimDirection",
+    "SpawnRule",
     "TransferConfig",
+    "WorldConfig",
     "WsUrl",
     "parse_ws_url",
     "write_default_config",
@@ -536,6 +544,156 @@ class TransferConfig:
             raise ValueError(f"low_watermark ({value}) must be <= high_watermark ({self.high_watermark})")
 
 
+def _vector(
+    _instance: object, _attribute: attrs.Attribute[tuple[float, ...]], value: tuple[float, ...]
+) -> None:
+    if len(value) != 3:
+        raise ValueError(f"expected 3 numbers [x, y, z], got {len(value)}")
+    if not all(math.isfinite(v) for v in value):
+        raise ValueError("expected finite numbers")
+
+
+def _cell(_instance: object, _attribute: attrs.Attribute[tuple[int, ...]], value: tuple[int, ...]) -> None:
+    if len(value) != 3:
+        raise ValueError(f"expected 3 integers [x, y, z], got {len(value)}")
+
+
+def _float_tuple(value: Iterable[float]) -> tuple[float, ...]:
+    return tuple(float(v) for v in value)
+
+
+def _import_path(_instance: object, _attribute: attrs.Attribute[str], value: str) -> None:
+    module, _, name = value.partition(":")
+    if not module or not name:
+        raise ValueError(f"expected 'package.module:ClassName', got {value!r}")
+
+
+_ORIGIN = (0.0, 0.0, 0.0)
+
+SkimDirection = Literal["up", "down"]
+"""A direction the skim tap may watch: ``up`` (client to server) or ``down``."""
+
+SpawnRule = Literal["balancer", "region"]
+"""How `WorldConfig.spawn` places a new client."""
+
+
+@attrs.frozen
+class SkimConfig:
+    """The ``[skim]`` table: the relay's tap and the analyzers behind it (docs/skimming.md)."""
+
+    enabled: bool = True
+    """Offer relayed messages to the analyzers (never slowing the relay: a full channel drops)."""
+    directions: tuple[SkimDirection, ...] = attrs.field(default=("up",), converter=tuple)
+    """Which directions are skimmed: ``up`` (client to server), ``down``, or both."""
+    text_only: bool = True
+    """Skim text messages only; off adds binary ones."""
+    max_size: int = attrs.field(default=1024, validator=_at_least(1))
+    """Messages larger than this many bytes are never skimmed."""
+    sample_every: int = attrs.field(default=1, validator=_at_least(1))
+    """Skim one eligible message in this many, per client and direction."""
+    buffer: int = attrs.field(default=1024, validator=_at_least(1))
+    """Size of the tap's channel; a full channel drops (counted in ``atlas_skim_dropped_total``)."""
+    analyzer_buffer: int = attrs.field(default=256, validator=_at_least(1))
+    """Size of each analyzer's own channel."""
+    tap_buffer: int = attrs.field(default=64, validator=_at_least(1))
+    """Size of each live tap's channel (``GET /api/v1/clients/{id}/tap``)."""
+
+
+@attrs.frozen
+class AnalyzerConfig:
+    """One ``[[analyzers]]`` entry: an analyzer class by import path, and its options."""
+
+    path: str = attrs.field(validator=_import_path)
+    """``package.module:ClassName`` of a class implementing ``atlas.skim.Analyzer``."""
+    options: dict[str, Any] = attrs.field(factory=dict)
+    """Keyword arguments for the class."""
+
+
+_BUILTIN_ANALYZERS = (
+    AnalyzerConfig(path="atlas.skim:MovementAnalyzer"),
+    AnalyzerConfig(path="atlas.skim:EventAnalyzer"),
+)
+
+
+@attrs.frozen
+class RegionConfig:
+    """One ``[[world.regions]]`` entry: an axis-aligned box owned by a backend."""
+
+    id: str = attrs.field(validator=_validate_name)
+    """The region's name."""
+    owner: str = attrs.field(validator=_validate_name)
+    """Name of the backend that owns the region."""
+    min: tuple[float, ...] = attrs.field(converter=_float_tuple, validator=_vector)
+    """Lowest corner ``[x, y, z]`` (inclusive)."""
+    max: tuple[float, ...] = attrs.field(converter=_float_tuple, validator=_vector)
+    """Highest corner ``[x, y, z]`` (exclusive); greater than `min` on every axis."""
+
+
+@attrs.frozen
+class CellConfig:
+    """One ``[[world.cells]]`` entry: a grid cell owned by a backend."""
+
+    cell: tuple[int, ...] = attrs.field(converter=tuple, validator=_cell)
+    """Integer cell coordinates ``[x, y, z]``."""
+    owner: str = attrs.field(validator=_validate_name)
+    """Name of the backend that owns the cell."""
+
+
+@attrs.frozen
+class WorldConfig:
+    """The ``[world]`` table: regions of the game world and who owns them (docs/world.md)."""
+
+    spawn: SpawnRule = attrs.field(default="balancer", validator=_one_of(SpawnRule))
+    """``balancer``: new clients go where the balancer says; ``region``: to the owner of the region
+    containing `spawn_point` (the balancer when nobody owns it)."""
+    spawn_point: tuple[float, ...] = attrs.field(
+        default=(0.0, 0.0, 0.0), converter=_float_tuple, validator=_vector
+    )
+    """Where new players appear, ``[x, y, z]``."""
+    spawn_nearest: bool = False
+    """With ``spawn = "region"``: when no region contains the spawn point, use the nearest one."""
+    cell_size: tuple[float, ...] = attrs.field(
+        default=(0.0, 0.0, 0.0), converter=_float_tuple, validator=_vector
+    )
+    """Size of a grid cell ``[x, y, z]``; all three > 0 makes a grid (``[[world.cells]]``)."""
+    origin: tuple[float, ...] = attrs.field(
+        default=(0.0, 0.0, 0.0), converter=_float_tuple, validator=_vector
+    )
+    """Corner of cell ``[0, 0, 0]``."""
+    horizon: bool = True
+    """Build the grid from Horizon registrations (``region_coord``, ``center``, ``bounds``)."""
+    horizon_z_size: float = attrs.field(default=200.0, validator=_seconds(allow_zero=False))
+    """Height of a Horizon cell (Horizon's ``bounds`` only describes x and y)."""
+    regions: tuple[RegionConfig, ...] = attrs.field(default=(), converter=tuple)
+    """Explicit regions (boxes)."""
+    cells: tuple[CellConfig, ...] = attrs.field(default=(), converter=tuple)
+    """Owned grid cells (needs `cell_size`)."""
+
+
+@attrs.frozen
+class PredictorConfig:
+    """The ``[predictor]`` table: predictive region transitions (docs/world.md)."""
+
+    enabled: bool = True
+    """Prepare and transfer clients that cross region boundaries (needs a world with regions)."""
+    lookahead: float = attrs.field(default=0.5, validator=_seconds(allow_zero=False))
+    """Seconds ahead the position is predicted."""
+    margin: float = attrs.field(default=5.0, validator=_seconds(allow_zero=True))
+    """Prepare when the predicted position is this close to another region (world units), approaching."""
+    hysteresis: float = attrs.field(default=2.0, validator=_seconds(allow_zero=True))
+    """Transfer once the client is this far inside the other region (world units)."""
+    prepare_ttl: float = attrs.field(default=3.0, validator=_seconds(allow_zero=False))
+    """Seconds an unused preparation lives after the last observation that called for it."""
+    smoothing: float = attrs.field(default=0.5, validator=_seconds(allow_zero=False))
+    """Weight of a new observation in the smoothed position and velocity (0..1]."""
+    use_acceleration: bool = False
+    """Include the smoothed acceleration in the prediction."""
+    retry_delay: float = attrs.field(default=1.0, validator=_seconds(allow_zero=True))
+    """Seconds before a refused or rolled-back region transfer is asked again."""
+    min_interval: float = attrs.field(default=0.01, validator=_seconds(allow_zero=True))
+    """Observations closer together than this are merged (messages read in one burst)."""
+
+
 @attrs.frozen
 class AdminConfig:
     """The ``[admin]`` table: the ops HTTP server (admin API, metrics, Horizon registration)."""
@@ -583,6 +741,15 @@ class Config:
     """The ``[transfer]`` table."""
     admin: AdminConfig = AdminConfig()
     """The ``[admin]`` table."""
+    skim: SkimConfig = SkimConfig()
+    """The ``[skim]`` table."""
+    analyzers: tuple[AnalyzerConfig, ...] = attrs.field(default=_BUILTIN_ANALYZERS, converter=tuple)
+    """The ``[[analyzers]]`` entries; a file without any gets the built-in movement and event analyzers,
+    ``analyzers = []`` runs none."""
+    world: WorldConfig = WorldConfig()
+    """The ``[world]`` table."""
+    predictor: PredictorConfig = PredictorConfig()
+    """The ``[predictor]`` table."""
 
     @classmethod
     def default(cls) -> Config:
@@ -689,6 +856,12 @@ _RECORDS = (
     FailoverConfig,
     TransferConfig,
     AdminConfig,
+    SkimConfig,
+    AnalyzerConfig,
+    RegionConfig,
+    CellConfig,
+    WorldConfig,
+    PredictorConfig,
     Config,
 )
 

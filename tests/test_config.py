@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from atlas.config import (
     AdminConfig,
     Algorithm,
+    AnalyzerConfig,
     BalancerConfig,
+    CellConfig,
     Config,
     FailoverConfig,
     HealthConfig,
@@ -24,9 +26,13 @@ from atlas.config import (
     LoggingConfig,
     LogLevel,
     OutlierConfig,
+    PredictorConfig,
     ProxyConfig,
+    RegionConfig,
     ServerConfig,
+    SkimConfig,
     TransferConfig,
+    WorldConfig,
     WsUrl,
     parse_ws_url,
     write_default_config,
@@ -150,6 +156,12 @@ def test_docs_describe_every_key() -> None:
         FailoverConfig,
         TransferConfig,
         AdminConfig,
+        SkimConfig,
+        AnalyzerConfig,
+        WorldConfig,
+        RegionConfig,
+        CellConfig,
+        PredictorConfig,
     ):
         for field in record.__attrs_attrs__:
             assert f"| `{field.name}` |" in markdown, field.name
