@@ -113,6 +113,12 @@ class _Request:
     outcome: TransferOutcome | None = None
     new_link: BackendLink | None = None
     """The target link while the transfer owns it (before the switch), for the rollback to close."""
+    prepare_ttl: float | None = None
+    """Set for a preparation: after PREPARED, wait this long for ``go`` before giving up."""
+    go: trio.Event = attrs.field(factory=trio.Event)
+    """A preparation is used: carry on with the cut-over."""
+    cancel: trio.Event = attrs.field(factory=trio.Event)
+    """A preparation is no longer wanted."""
 
 
 @attrs.frozen
@@ -163,6 +169,8 @@ class TransferCoordinator:
         self._ids = itertools.count(1)
         self._send, self._receive = trio.open_memory_channel[_Request | _Answer](_QUEUE)
         self._metrics = _Metrics(runtime)
+        # Preparations done and waiting to be used, by client id.
+        self._prepared: dict[str, _Request] = {}
         channels.on_request = self._on_server_request
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -175,11 +183,22 @@ class TransferCoordinator:
                 else:
                     nursery.start_soon(_tell, item.channel, item.message)
 
-    def request(self, client_id: str, target: str, reason: TransferReason) -> _Request:
-        """Check and queue a transfer; :class:`TransferRefused` says why it cannot start."""
+    def request(
+        self, client_id: str, target: str, reason: TransferReason, *, prepare_ttl: float | None = None
+    ) -> _Request:
+        """Check and queue a transfer; :class:`TransferRefused` says why it cannot start.
+
+        With ``prepare_ttl``, only prepare it (advance notice to both servers and a link opened to the
+        target) and keep it ready that long: a later request for the same target uses it.
+        """
         session = self.runtime.clients.get(client_id)
         if session is None:
             raise TransferRefused(f"no client {client_id}")
+        waiting = self._prepared.get(client_id)
+        if waiting is not None and waiting.target == target and prepare_ttl is None:
+            waiting.record.reason = reason
+            waiting.go.set()  # a preparation for this very move: use it
+            return waiting
         if client_id in self.active:
             raise TransferRefused(f"client {client_id} is already being transferred")
         if not session.movable:
@@ -204,7 +223,9 @@ class TransferCoordinator:
             reason=reason,
             blind=blind,
         )
-        request = _Request(session=session, target=target, reason=reason, record=record)
+        request = _Request(
+            session=session, target=target, reason=reason, record=record, prepare_ttl=prepare_ttl
+        )
         try:
             self._send.send_nowait(request)
         except trio.WouldBlock:
@@ -229,6 +250,18 @@ class TransferCoordinator:
         except trio.WouldBlock:
             log.warning("transfer queue full: the answer to %s's request is dropped", channel.backend)
 
+    def prepare(self, client_id: str, target: str, reason: TransferReason, ttl: float) -> _Request:
+        """Prepare a move of ``client_id`` to ``target`` (see :meth:`request`); TransferRefused if not."""
+        return self.request(client_id, target, reason, prepare_ttl=ttl)
+
+    def cancel_prepared(self, client_id: str, target: str | None = None) -> bool:
+        """Drop a waiting preparation (of ``target``, or any); returns whether there was one."""
+        waiting = self._prepared.get(client_id)
+        if waiting is None or (target is not None and waiting.target != target):
+            return False
+        waiting.cancel.set()
+        return True
+
     async def transfer(self, client_id: str, target: str, reason: TransferReason) -> TransferOutcome:
         """Move ``client_id`` to ``target`` and wait for the outcome (committed or rolled back)."""
         request = self.request(client_id, target, reason)
@@ -241,9 +274,16 @@ class TransferCoordinator:
     async def _run(self, request: _Request) -> None:
         record = request.record
         session = request.session
+        timeout = self.runtime.config.transfer.timeout
         try:
-            with trio.move_on_after(self.runtime.config.transfer.timeout):
-                await self._steps(request)
+            with trio.move_on_after(timeout) as preparing:
+                await self._prepare(request)
+            if preparing.cancelled_caught:
+                raise _RollBack(f"timed out while {record.phase.value}")
+            if request.prepare_ttl is not None:
+                await self._wait_for_go(request)
+            with trio.move_on_after(timeout):
+                await self._cut_over(request)
             if not record.done and record.can_roll_back:
                 raise _RollBack(f"timed out while {record.phase.value}")
             if record.phase is Phase.SWITCHED:
@@ -269,18 +309,30 @@ class TransferCoordinator:
             self._account(request.outcome, session)
             request.done.set()
 
-    async def _steps(self, request: _Request) -> None:
+    async def _wait_for_go(self, request: _Request) -> None:
+        """A preparation waits (up to its ttl) for the move to be asked for, or to be cancelled."""
+        self._prepared[request.record.client_id] = request
+        try:
+            with trio.move_on_after(request.prepare_ttl or 0):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_set_when, request.cancel, nursery.cancel_scope)
+                    await request.go.wait()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._prepared.pop(request.record.client_id, None)
+        if not request.go.is_set():
+            raise _RollBack("preparation cancelled" if request.cancel.is_set() else "preparation expired")
+        if not request.session.movable:
+            raise _RollBack("the client cannot be moved now")
+
+    async def _prepare(self, request: _Request) -> None:
         record = request.record
         session = request.session
         runtime = self.runtime
         target = runtime.pool.get(record.target)
         if target is None:
             raise _RollBack(f"{record.target} was removed")
-        deadline = trio.current_time() + runtime.config.transfer.timeout
-
-        def time_left_ms() -> int:
-            return max(0, int((deadline - trio.current_time()) * 1000))
-
+        timeout_ms = int(runtime.config.transfer.timeout * 1000)
         source_channel = self.channels.get(record.source)
         target_channel = self.channels.get(record.target)
         if not record.blind and (source_channel is None or target_channel is None):
@@ -294,7 +346,7 @@ class TransferCoordinator:
                     client=record.client_id,
                     target=record.target,
                     reason=record.reason.value,
-                    timeout_ms=time_left_ms(),
+                    timeout_ms=timeout_ms,
                 ),
             )
             reply = await _ask(
@@ -304,7 +356,7 @@ class TransferCoordinator:
                     client=record.client_id,
                     source=record.source,
                     reason=record.reason.value,
-                    timeout_ms=time_left_ms(),
+                    timeout_ms=timeout_ms,
                 ),
                 record.id,
             )
@@ -317,6 +369,16 @@ class TransferCoordinator:
         except HandshakeError as exc:
             raise _RollBack(f"cannot connect to {record.target}: {exc.reason}") from None
         record.advance(Phase.PREPARED)
+
+    async def _cut_over(self, request: _Request) -> None:
+        record = request.record
+        session = request.session
+        assert request.new_link is not None
+        timeout_ms = int(self.runtime.config.transfer.timeout * 1000)
+        source_channel = self.channels.get(record.source)
+        target_channel = self.channels.get(record.target)
+        if not record.blind and (source_channel is None or target_channel is None):
+            raise _RollBack("a control channel dropped")
         delivered = await session.hold_client()
         record.advance(Phase.HOLDING)
         if source_channel is None or target_channel is None:
@@ -329,7 +391,7 @@ class TransferCoordinator:
                     transfer=record.id,
                     client=record.client_id,
                     delivered=delivered,
-                    timeout_ms=time_left_ms(),
+                    timeout_ms=timeout_ms,
                 ),
                 record.id,
             )
@@ -341,7 +403,7 @@ class TransferCoordinator:
             reply = await _ask(
                 target_channel,
                 TransferCommit(
-                    transfer=record.id, client=record.client_id, state=state.state, timeout_ms=time_left_ms()
+                    transfer=record.id, client=record.client_id, state=state.state, timeout_ms=timeout_ms
                 ),
                 record.id,
             )
@@ -413,6 +475,11 @@ class TransferCoordinator:
                 outcome.failure,
                 extra=extra,
             )
+
+
+async def _set_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def _tell(channel: ControlChannel, message: Any) -> None:

@@ -33,7 +33,8 @@ import codecs
 import enum
 import os
 import struct
-from typing import Final
+from collections.abc import Callable
+from typing import Final, Protocol
 
 __all__ = [
     "NO_LIMIT",
@@ -91,6 +92,22 @@ def _is_valid_wire_code(code: int) -> bool:
     if 1000 <= code <= 1003 or 1007 <= code <= 1014:
         return True
     return 3000 <= code <= 4999
+
+
+class _TapFilter(Protocol):
+    """The skim pre-filter the scanner consults per message (``atlas.skim.SkimFilter`` is one)."""
+
+    def wants(self, opcode: int, size: int) -> bool:
+        """Whether a message with this opcode and payload size is skimmed."""
+        ...
+
+
+class _NoSkim:
+    def wants(self, opcode: int, size: int) -> bool:
+        return False
+
+
+_NO_SKIM: Final = _NoSkim()
 
 
 class FrameError(Exception):
@@ -210,6 +227,8 @@ class FrameScanner:
         "_pending_fin",
         "_remaining",
         "_stream_threshold",
+        "_tap",
+        "_tap_filter",
         "_validate_utf8",
         "close_code",
         "close_frame_size",
@@ -254,6 +273,9 @@ class FrameScanner:
         self.discarded = 0
         # Holding: no frame past the message numbered ``limit`` is forwarded (see hold_after).
         self.limit = NO_LIMIT
+        # Skimming (see set_tap): called with (opcode, unmasked payload) for each wanted message.
+        self._tap: Callable[[int, bytes], None] | None = None
+        self._tap_filter: _TapFilter = _NO_SKIM
         self.state = ScanState.OPEN
         self.error: FrameError | None = None
         self.close_code = 0
@@ -286,6 +308,15 @@ class FrameScanner:
             return False
         self._discard = True
         return True
+
+    def set_tap(self, tap: Callable[[int, bytes], None] | None, wants: _TapFilter | None = None) -> None:
+        """Offer whole, unfragmented data messages to ``tap`` when ``wants.wants(opcode, size)`` says so.
+
+        The filter is asked before anything is unmasked or copied; ``tap`` must not block (the skim
+        dispatcher's ``offer`` drops and counts when full). ``None`` switches skimming off.
+        """
+        self._tap = tap if wants is not None else None
+        self._tap_filter = wants if wants is not None else _NO_SKIM
 
     def hold_after(self, count: int) -> None:
         """Forward no frame that follows the ``count``-th message; hold everything after it.
@@ -467,12 +498,22 @@ class FrameScanner:
                 self._frame_offset = 0
                 self._fwd_end = pos + header
                 return self._continue_stream(view, n, start)
+            payload: bytes | bytearray | None = None
             if text and self._validate_utf8:
                 start = pos + header
                 payload = (
                     unmask(view[start:end], bytes(view[start - 4 : start])) if masked else view[start:end]
                 )
                 self._check_text(payload, bool(fin), opcode == OP_CONTINUATION)
+            tap = self._tap
+            if tap is not None and fin and opcode and self._tap_filter.wants(opcode, length):
+                # Skimmed: the payload, unmasked (once, shared with the UTF-8 check), to the tap.
+                if payload is None:
+                    start = pos + header
+                    payload = (
+                        unmask(view[start:end], bytes(view[start - 4 : start])) if masked else view[start:end]
+                    )
+                tap(opcode, bytes(payload))
             self._message_size = size
             pos = end
             self._fwd_end = pos
