@@ -12,17 +12,38 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from atlas.config import Config, ProxyConfig
+from atlas.config import Config, ProxyConfig, WorldConfig
 from atlas.errors import StartupError
 from atlas.health import HealthMonitor
 from atlas.ops.metrics import AtlasMetrics
 from atlas.pool import Backend, BackendPool, BackendState, make_balancer
 from atlas.proxy.clients import ClientRegistry
+from atlas.skim import Dispatcher
+from atlas.world import Box, Cell, Grid, RegionConflict, Vec3, WorldMap
 
 if TYPE_CHECKING:
     from atlas.control.coordinator import TransferCoordinator
+    from atlas.control.regions import RegionService
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "world_from_config"]
+
+
+def world_from_config(config: WorldConfig) -> WorldMap:
+    """The world map the ``[world]`` table describes; StartupError (one line) when it is inconsistent."""
+    grid = None
+    if all(size > 0 for size in config.cell_size):
+        grid = Grid(Vec3(*config.cell_size), Vec3(*config.origin))
+    world = WorldMap(grid)
+    try:
+        for region in config.regions:
+            world.add(region.id, Box(Vec3(*region.min), Vec3(*region.max)), region.owner)
+        for i, cell in enumerate(config.cells):
+            if grid is None:
+                raise StartupError(f"world.cells[{i}]: a cell needs world.cell_size (three numbers > 0)")
+            world.assign(Cell(*cell.cell), cell.owner)
+    except (RegionConflict, ValueError) as exc:
+        raise StartupError(f"world: {exc}") from None
+    return world
 
 
 @attrs.define(eq=False)
@@ -42,6 +63,12 @@ class Runtime:
     """Clients between accept and the end of their handshakes (they count toward the limit)."""
     transfers: TransferCoordinator | None = None
     """The transfer coordinator, once the supervisor has started it."""
+    world: WorldMap = attrs.field(factory=WorldMap)
+    """Regions of the game world and their owners (from the config and Horizon registrations)."""
+    skim: Dispatcher | None = None
+    """The skim tap's dispatcher (None when ``[skim] enabled = false``)."""
+    regions: RegionService | None = None
+    """The predictive region service, once the supervisor started it (needs skimming and a predictor)."""
     _remove_when_empty: set[str] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -72,7 +99,18 @@ class Runtime:
             except ValueError as exc:  # config validation makes this unreachable; keep the message
                 raise StartupError(f"servers: {server.name}: {exc}") from None
             pool.add(backend)
-        return cls(config=config, pool=pool)
+        skim = None
+        if config.skim.enabled:
+            skim = Dispatcher(
+                config.skim.buffer,
+                analyzer_buffer=config.skim.analyzer_buffer,
+                tap_buffer=config.skim.tap_buffer,
+            )
+        return cls(config=config, pool=pool, world=world_from_config(config.world), skim=skim)
+
+    def cancel_removal(self, name: str) -> None:
+        """Forget a pending "remove once empty" of ``name`` (a new backend took the name)."""
+        self._remove_when_empty.discard(name)
 
     # -- backend membership (the admin API and registrations change it at run time) ---------------
 

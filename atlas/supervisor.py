@@ -7,6 +7,8 @@ The tree (docs/architecture.md draws it)::
      ├─ health nursery (serve_health_checks): one checker per backend
      ├─ control channels (serve_control_channels): one task per backend with a control endpoint
      ├─ transfer coordinator (TransferCoordinator.serve): one task per transfer, each in its own scope
+     ├─ skim dispatcher (Dispatcher.serve): one task per analyzer, fed by the relay's tap
+     ├─ region service (RegionService.serve): movement -> predictor -> prepare / transfer
      ├─ drains (serve_drains): one mover per draining backend, moving its clients away at a bounded rate
      ├─ rebalancer (serve_rebalancer): rounds of load-balancing transfers, when [transfer] rebalance is on
      └─ ops server (serve_ops): admin API, /metrics, Horizon registration (hypercorn on trio)
@@ -29,12 +31,15 @@ from atlas.control.channel import ControlChannels, serve_control_channels
 from atlas.control.coordinator import TransferCoordinator
 from atlas.control.drain import serve_drains
 from atlas.control.rebalancer import serve_rebalancer
-from atlas.errors import StartupError
+from atlas.control.regions import RegionService
+from atlas.errors import ConfigError, StartupError
 from atlas.health import serve_health_checks
 from atlas.ops.server import OpsListening, serve_ops
 from atlas.pool import Backend
 from atlas.proxy.listener import ProxyListening, fail_over_backend, serve_proxy
 from atlas.runtime import Runtime
+from atlas.skim import load_analyzers
+from atlas.world import Predictor, PredictorSettings
 
 __all__ = ["AtlasStarted", "run_until_signalled", "serve_atlas"]
 
@@ -79,6 +84,7 @@ async def serve_atlas(
                 lambda task_status: serve_control_channels(runtime, channels, task_status=task_status)
             )
             await root.start(transfers.serve)
+            await _start_analysis(root, runtime, transfers)
             await root.start(serve_drains, runtime)
             await root.start(serve_rebalancer, runtime)
             proxy_done = trio.Event()
@@ -96,6 +102,35 @@ async def serve_atlas(
             root.cancel_scope.cancel()
     except* StartupError as group:
         raise group.exceptions[0] from None
+
+
+async def _start_analysis(root: trio.Nursery, runtime: Runtime, transfers: TransferCoordinator) -> None:
+    """Start the skim dispatcher with its analyzers and, with a predictor, the region service."""
+    dispatcher = runtime.skim
+    if dispatcher is None:
+        return
+    config = runtime.config
+    try:
+        analyzers = load_analyzers([(a.path, a.options) for a in config.analyzers])
+    except ConfigError as exc:
+        raise StartupError("; ".join(exc.errors)) from None
+    if config.predictor.enabled:
+        p = config.predictor
+        settings = PredictorSettings(
+            lookahead=p.lookahead,
+            margin=p.margin,
+            hysteresis=p.hysteresis,
+            prepare_ttl=p.prepare_ttl,
+            smoothing=p.smoothing,
+            use_acceleration=p.use_acceleration,
+            retry_delay=p.retry_delay,
+            min_interval=p.min_interval,
+        )
+        regions = RegionService(runtime, Predictor(runtime.world, settings), transfers)
+        runtime.regions = regions
+        dispatcher.on_event = regions.offer
+        await root.start(regions.serve)
+    await root.start(dispatcher.serve, analyzers)
 
 
 def _fail_over(runtime: Runtime, backend: Backend) -> None:

@@ -25,6 +25,7 @@ from atlas.ops.horizon import (
     Registration,
 )
 from atlas.pool import Backend, BackendState
+from atlas.world import RegionConflict
 
 if TYPE_CHECKING:
     from atlas.runtime import Runtime
@@ -120,6 +121,7 @@ class Membership:
             raise ApiError(404, f"no server named {name!r}") from None
         if name in self.registry:
             self.registry.unregister(name)
+            self.runtime.world.remove(name)  # its Horizon region (named after the server), if any
         self.sync()
         log.info(
             "server %s %s",
@@ -159,6 +161,7 @@ class Membership:
                 self._detach(existing)
             self.runtime.add_backend(backend)
         self.registry.register(registration, now=time.time(), draining=draining)
+        self._place_in_world(registration)
         # Registration counts as the first heartbeat: from now on, silence makes the monitor probe it.
         self.runtime.health.track_heartbeats(name)
         log.info(
@@ -169,6 +172,21 @@ class Membership:
             extra={"server": name, "event": "register"},
         )
         return Registered(outcome, self.registry.adjacent(name, registration.region_coord))
+
+    def _place_in_world(self, registration: Registration) -> None:
+        """A Horizon server owns the world cell named by its ``region_coord`` (``[world] horizon``)."""
+        world = self.runtime.config.world
+        if not world.horizon:
+            return
+        try:
+            self.runtime.world.register_horizon(registration, z_size=world.horizon_z_size)
+        except (RegionConflict, ValueError) as exc:
+            log.warning(
+                "server %s: its region cannot join the world map: %s",
+                registration.name,
+                exc,
+                extra={"server": registration.name, "event": "register"},
+            )
 
     def heartbeat(self, name: str, body: object) -> bool:
         """Record a heartbeat of ``name``; return whether the server is draining.
@@ -190,9 +208,9 @@ class Membership:
         self.runtime.pool.remove(old.name)
         old.state = BackendState.DRAINING
         # The runtime drops a backend "once empty" by name: a pending removal of the old record must
-        # not later remove the new one. (Runtime has no public call for this yet.) The health monitor
-        # needs nothing: adding the new record under the same name replaces the old one there.
-        self.runtime._remove_when_empty.discard(old.name)
+        # not later remove the new one. The health monitor needs nothing: adding the new record under
+        # the same name replaces the old one there.
+        self.runtime.cancel_removal(old.name)
 
 
 def _server_config(body: dict[str, Any]) -> ServerConfig:

@@ -41,6 +41,7 @@ from atlas.proxy.handshake import (
     reject_response,
 )
 from atlas.proxy.session import BackendLink, ClientSession, Ending
+from atlas.proxy.tap import SkimTaps
 
 if TYPE_CHECKING:
     from atlas.pool import Backend
@@ -304,8 +305,9 @@ class _Prepended(trio.abc.Stream):
         await self._inner.aclose()
 
 
-async def handle_client(runtime: Runtime, stream: trio.SocketStream) -> None:
+async def handle_client(runtime: Runtime, stream: trio.SocketStream, taps: SkimTaps | None = None) -> None:
     """Serve one accepted connection from its upgrade request to its last byte."""
+    taps = taps if taps is not None else SkimTaps(runtime)
     clients = runtime.clients
     client_ip, peer = _peer(stream)
     client_id = clients.new_id()
@@ -332,6 +334,7 @@ async def handle_client(runtime: Runtime, stream: trio.SocketStream) -> None:
         pending=pending,
     )
     clients.add(session)
+    taps.attach(session)
     handshake = trio.current_time() - started
     runtime.metrics.accepted.inc()
     runtime.metrics.handshake_seconds.observe(handshake)
@@ -351,6 +354,7 @@ async def handle_client(runtime: Runtime, stream: trio.SocketStream) -> None:
         ending = await session.run()
     finally:
         clients.discard(client_id)
+        taps.detach(session)
         how = f"{ending.kind.value} {ending.code} {ending.reason}" if ending else "cancelled"
         log.info(
             "client %s disconnected from %s: %s (messages %d up / %d down)",
@@ -466,9 +470,11 @@ async def serve_proxy(
         raise StartupError(f"cannot listen on {address}: {reason}") from None
     bound = tuple((str(lst.socket.getsockname()[0]), int(lst.socket.getsockname()[1])) for lst in listeners)
 
+    taps = SkimTaps(runtime)
+
     async def guarded(stream: trio.SocketStream) -> None:
         try:
-            await handle_client(runtime, stream)
+            await handle_client(runtime, stream, taps)
         except Exception:
             # One client's bug must never take the listener down.
             log.exception("unexpected error in a client session")

@@ -42,6 +42,7 @@ import contextlib
 import enum
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
 import attrs
@@ -174,6 +175,9 @@ class ClientSession:
         self._held_read: trio.CancelScope | None = None
         self.hold_limit = failover.hold_limit
         self.last_stall: float | None = None
+        #: Called with each link that becomes current after the first (failover, transfer): the skim
+        #: tap hooks its scanner there.
+        self.on_link: Callable[[BackendLink], None] | None = None
         self.up = FrameScanner(masked=True, max_message_size=max_message_size, validate_utf8=validate_utf8)
         self.bytes_up = 0
         self.bytes_down = 0
@@ -260,10 +264,15 @@ class ClientSession:
         self._down_before += old.scanner.messages
         new.up_base = self.up.messages
         new.stall_from = trio.current_time()
-        self.link = new
+        self._install(new)
         old.scope.cancel()
         self._lift()
         return old
+
+    def _install(self, link: BackendLink) -> None:
+        self.link = link
+        if self.on_link is not None:
+            self.on_link(link)
 
     def resume(self) -> None:
         """Roll back: lift the holds on the current link; held messages flow to it, in order."""
@@ -519,7 +528,7 @@ class ClientSession:
             if new is None:
                 self._end(Ending(EndKind.NO_BACKEND, CloseCode.TRY_AGAIN_LATER, "no game server available"))
                 return False
-            self.link = new
+            self._install(new)
             self.failovers += 1
             if self.failover.notice:
                 notice = build_frame(OP_TEXT, self.failover.notice.encode("utf-8"), mask=False)
