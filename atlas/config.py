@@ -570,11 +570,20 @@ def _import_path(_instance: object, _attribute: attrs.Attribute[str], value: str
 
 _ORIGIN = (0.0, 0.0, 0.0)
 
+
+def _int_tuple(value: Iterable[int]) -> tuple[int, ...]:
+    return tuple(value)
+
+
 SkimDirection = Literal["up", "down"]
 """A direction the skim tap may watch: ``up`` (client to server) or ``down``."""
 
 SpawnRule = Literal["balancer", "region"]
 """How `WorldConfig.spawn` places a new client."""
+
+
+def _directions(value: Iterable[SkimDirection]) -> tuple[SkimDirection, ...]:
+    return tuple(value)
 
 
 @attrs.frozen
@@ -583,7 +592,7 @@ class SkimConfig:
 
     enabled: bool = True
     """Offer relayed messages to the analyzers (never slowing the relay: a full channel drops)."""
-    directions: tuple[SkimDirection, ...] = attrs.field(default=("up",), converter=tuple)
+    directions: tuple[SkimDirection, ...] = attrs.field(default=("up",), converter=_directions)
     """Which directions are skimmed: ``up`` (client to server), ``down``, or both."""
     text_only: bool = True
     """Skim text messages only; off adds binary ones."""
@@ -615,6 +624,10 @@ _BUILTIN_ANALYZERS = (
 )
 
 
+def _analyzers(value: Iterable[AnalyzerConfig]) -> tuple[AnalyzerConfig, ...]:
+    return tuple(value)
+
+
 @attrs.frozen
 class RegionConfig:
     """One ``[[world.regions]]`` entry: an axis-aligned box owned by a backend."""
@@ -633,10 +646,18 @@ class RegionConfig:
 class CellConfig:
     """One ``[[world.cells]]`` entry: a grid cell owned by a backend."""
 
-    cell: tuple[int, ...] = attrs.field(converter=tuple, validator=_cell)
+    cell: tuple[int, ...] = attrs.field(converter=_int_tuple, validator=_cell)
     """Integer cell coordinates ``[x, y, z]``."""
     owner: str = attrs.field(validator=_validate_name)
     """Name of the backend that owns the cell."""
+
+
+def _regions(value: Iterable[RegionConfig]) -> tuple[RegionConfig, ...]:
+    return tuple(value)
+
+
+def _cells(value: Iterable[CellConfig]) -> tuple[CellConfig, ...]:
+    return tuple(value)
 
 
 @attrs.frozen
@@ -664,9 +685,9 @@ class WorldConfig:
     """Build the grid from Horizon registrations (``region_coord``, ``center``, ``bounds``)."""
     horizon_z_size: float = attrs.field(default=200.0, validator=_seconds(allow_zero=False))
     """Height of a Horizon cell (Horizon's ``bounds`` only describes x and y)."""
-    regions: tuple[RegionConfig, ...] = attrs.field(default=(), converter=tuple)
+    regions: tuple[RegionConfig, ...] = attrs.field(default=(), converter=_regions)
     """Explicit regions (boxes)."""
-    cells: tuple[CellConfig, ...] = attrs.field(default=(), converter=tuple)
+    cells: tuple[CellConfig, ...] = attrs.field(default=(), converter=_cells)
     """Owned grid cells (needs `cell_size`)."""
 
 
@@ -743,7 +764,7 @@ class Config:
     """The ``[admin]`` table."""
     skim: SkimConfig = SkimConfig()
     """The ``[skim]`` table."""
-    analyzers: tuple[AnalyzerConfig, ...] = attrs.field(default=_BUILTIN_ANALYZERS, converter=tuple)
+    analyzers: tuple[AnalyzerConfig, ...] = attrs.field(default=_BUILTIN_ANALYZERS, converter=_analyzers)
     """The ``[[analyzers]]`` entries; a file without any gets the built-in movement and event analyzers,
     ``analyzers = []`` runs none."""
     world: WorldConfig = WorldConfig()
@@ -756,11 +777,17 @@ class Config:
         """The embedded default: every table at its defaults, plus three demo servers.
 
         ``game-server-1`` .. ``game-server-3`` at ``ws://127.0.0.1:8080`` .. ``:8082``, capacity
-        1000, weight 1. This is what ``atlas serve`` uses without ``--config``.
+        1000, weight 1, each with its control endpoint at ``/atlas/control`` on the same port (the demo
+        cluster's SDK servers serve one there). This is what ``atlas serve`` uses without ``--config``.
         """
         return cls(
             servers=tuple(
-                ServerConfig(name=f"game-server-{i + 1}", url=f"ws://127.0.0.1:{8080 + i}") for i in range(3)
+                ServerConfig(
+                    name=f"game-server-{i + 1}",
+                    url=f"ws://127.0.0.1:{8080 + i}",
+                    control_url=f"ws://127.0.0.1:{8080 + i}/atlas/control",
+                )
+                for i in range(3)
             )
         )
 

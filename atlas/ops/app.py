@@ -20,7 +20,7 @@ import hmac
 import http
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from atlas.control.coordinator import TransferRefused
@@ -45,6 +45,7 @@ from atlas.ops.horizon import (
     registration_answer,
 )
 from atlas.proxy.frames import CloseCode
+from atlas.skim import frame_to_sse
 
 if TYPE_CHECKING:
     from atlas.runtime import Runtime
@@ -95,6 +96,7 @@ def create_app(runtime: Runtime, *, registry: HorizonRegistry | None = None) -> 
         Route("/api/v1/clients/{client_id}", api.admin(api.get_client), methods=["GET"]),
         Route("/api/v1/clients/{client_id}", api.admin(api.close_client), methods=["DELETE"]),
         Route("/api/v1/clients/{client_id}/transfer", api.admin(api.transfer_client), methods=["POST"]),
+        Route("/api/v1/clients/{client_id}/tap", api.admin(api.tap_client), methods=["GET"]),
         Route("/api/v1/transfers", api.admin(api.list_transfers), methods=["GET"]),
     ]
     app = Starlette(
@@ -299,6 +301,25 @@ class _Api:
     async def get_client(self, request: Request) -> Response:
         """One client session."""
         return JSONResponse(self._session_view(request.path_params["client_id"]))
+
+    async def tap_client(self, request: Request) -> Response:
+        """Stream a client's skimmed messages as server-sent events until it leaves (the live tap)."""
+        client_id: str = request.path_params["client_id"]
+        dispatcher = self.runtime.skim
+        if dispatcher is None:
+            raise ApiError(503, "skimming is off ([skim] enabled = false)")
+        if self.runtime.clients.get(client_id) is None:
+            raise ApiError(404, f"no client with id {client_id!r}")
+
+        async def events() -> AsyncIterator[bytes]:
+            yield b": tapping " + client_id.encode() + b"\n\n"
+            with dispatcher.subscribe(client_id) as frames:
+                async for frame in frames:
+                    yield frame_to_sse(frame)
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
+        )
 
     async def close_client(self, request: Request) -> Response:
         """Close a client with a code and reason (JSON body or query); 202, it closes shortly."""

@@ -22,7 +22,9 @@ from prometheus_client.registry import Collector
 from atlas.pool import BackendState
 
 if TYPE_CHECKING:
+    from atlas.control.regions import RegionService
     from atlas.runtime import Runtime
+    from atlas.skim import DispatcherStatistics
 
 __all__ = ["AtlasMetrics"]
 
@@ -118,3 +120,67 @@ class _LiveCollector(Collector):
         active = GaugeMetricFamily("atlas_clients", "Live client sessions.")
         active.add_metric([], len(runtime.clients))
         yield active
+        if runtime.skim is not None:
+            yield from _skim_metrics(runtime.skim.statistics())
+        if runtime.regions is not None:
+            yield from _region_metrics(runtime.regions)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family
+
+
+def _skim_metrics(stats: DispatcherStatistics) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    yield _counter("atlas_skim_offered", "Messages the relay offered to the skim tap.", stats.offered)
+    yield _counter(
+        "atlas_skim_dropped",
+        "Messages the skim tap dropped because its channel was full.",
+        stats.dropped_input,
+    )
+    delivered = CounterMetricFamily(
+        "atlas_skim_analyzer_delivered", "Messages handed to each analyzer.", labels=["analyzer"]
+    )
+    dropped = CounterMetricFamily(
+        "atlas_skim_analyzer_dropped",
+        "Messages an analyzer missed: its channel was full.",
+        labels=["analyzer"],
+    )
+    for analyzer in stats.analyzers:
+        delivered.add_metric([analyzer.name], analyzer.delivered)
+        dropped.add_metric([analyzer.name], analyzer.dropped)
+    yield delivered
+    yield dropped
+    yield _counter("atlas_skim_events", "Events the analyzers emitted.", stats.events)
+    yield _counter(
+        "atlas_skim_events_dropped", "Analyzer events dropped (a full consumer).", stats.events_dropped
+    )
+    taps = GaugeMetricFamily("atlas_skim_tap_subscribers", "Live taps open (GET /api/v1/clients/{id}/tap).")
+    taps.add_metric([], stats.subscribers)
+    yield taps
+
+
+def _region_metrics(regions: RegionService) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    stats = regions.predictor.statistics()
+    crossings = CounterMetricFamily(
+        "atlas_region_crossings",
+        "Region boundary crossings that led to a transfer, by whether a preparation was ready before.",
+        labels=["prepared"],
+    )
+    crossings.add_metric(["true"], stats.prepared_crossings)
+    crossings.add_metric(["false"], stats.unprepared_crossings)
+    yield crossings
+    preparations = CounterMetricFamily(
+        "atlas_region_preparations", "Predicted preparations, by fate.", labels=["fate"]
+    )
+    preparations.add_metric(["issued"], stats.preparations)
+    preparations.add_metric(["used"], stats.preparations_used)
+    preparations.add_metric(["expired"], stats.preparations_expired)
+    preparations.add_metric(["cancelled"], stats.preparations_cancelled)
+    yield preparations
+    yield _counter(
+        "atlas_region_movements_dropped",
+        "Movement events dropped before the predictor (full queue).",
+        regions.dropped,
+    )

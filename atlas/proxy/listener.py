@@ -42,6 +42,7 @@ from atlas.proxy.handshake import (
 )
 from atlas.proxy.session import BackendLink, ClientSession, Ending
 from atlas.proxy.tap import SkimTaps
+from atlas.world import Vec3
 
 if TYPE_CHECKING:
     from atlas.pool import Backend
@@ -114,8 +115,12 @@ async def _connect_backend(
     pool = runtime.pool
     tried: set[str] = set(exclude)
     last_error = "no backend available"
+    preferred = _spawn_backend(runtime) if not exclude else None
     for _ in range(config.connect_attempts):
-        backend = pool.choose(exclude=tried)
+        if preferred is not None and preferred.available and preferred.name not in tried:
+            backend: Backend | None = preferred
+        else:
+            backend = pool.choose(exclude=tried)
         if backend is None:
             break
         tried.add(backend.name)
@@ -134,6 +139,15 @@ async def _connect_backend(
     if tried == exclude:
         raise HandshakeError(503, "no game server can take a new player right now")
     raise HandshakeError(502, f"no game server answered ({last_error})")
+
+
+def _spawn_backend(runtime: Runtime) -> Backend | None:
+    """With ``[world] spawn = "region"``: the owner of the spawn point's region, if it is a backend."""
+    world = runtime.config.world
+    if world.spawn != "region":
+        return None
+    owner = runtime.world.spawn_owner(Vec3(*world.spawn_point), nearest=world.spawn_nearest)
+    return runtime.pool.get(owner) if owner is not None else None
 
 
 @attrs.define(eq=False)
