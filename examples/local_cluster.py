@@ -3,7 +3,8 @@
     python examples/local_cluster.py
 
 starts ``game-server-1`` (echo) on 8080 and ``game-server-2``, ``game-server-3`` (chat) on 8081
-and 8082, the backends Atlas's default configuration points at. Ctrl-C stops all three.
+and 8082, the backends Atlas's default configuration points at: SDK game servers with their control
+endpoint on ``/atlas/control``, whose players can ``/move`` between them. Ctrl-C stops all three.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ and in a third terminal connect a client through Atlas:
 
     python -m atlas client ws://127.0.0.1:9000
 
-Type a line and press Enter to send it. On a chat server, /who lists the players there and
-/server names the server you landed on. Ctrl-D disconnects the client; Ctrl-C here stops the
-cluster.
+Type a line and press Enter to send it. /server names the server you landed on and /who lists
+the players there; /nick NAME renames you, /me shows your name and how many messages you sent,
+and /move game-server-2 moves you to that server over the same connection, name and count
+included. Ctrl-D disconnects the client; Ctrl-C here stops the cluster.
 """
 
 

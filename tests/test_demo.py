@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 import logging
 import os
 import socket
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -34,6 +36,7 @@ from wsproto.events import (
     TextMessage,
 )
 
+from atlas.config import AdminConfig, Config, ProxyConfig, ServerConfig
 from atlas.demo import (
     ChatRoom,
     run_client,
@@ -41,6 +44,9 @@ from atlas.demo import (
     serve_demo_cluster,
     serve_echo_server,
 )
+from atlas.demo.rules import ChatRules, EchoRules, Move, Profile, Say
+from atlas.supervisor import AtlasStarted, serve_atlas
+from tests.wsclient import until
 
 HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -152,6 +158,90 @@ def test_chat_room_numbers_players_and_routes_messages() -> None:
     third, _ = room.join()
     assert third == "player-3"  # numbers are never reused
     assert room.receive_text("player-1", "ghost").recipients == ()
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo cluster's rules (sans-IO): profiles, commands, moves
+
+
+def test_chat_rules_greet_broadcast_and_answer_commands() -> None:
+    room = ChatRules("game-server-2")
+    assert room.join("c1") == [Say(("c1",), "welcome to game-server-2, you are player-1")]
+    room.join("c2")
+    assert room.receive("c1", "hi") == [Say(("c1", "c2"), "[game-server-2] player-1: hi")]
+    assert room.receive("c2", "/who") == [Say(("c2",), "players on game-server-2: player-1, player-2")]
+    assert room.receive("c2", "/server") == [Say(("c2",), "game-server-2")]
+    assert room.receive("c1", "/nick ada") == [Say(("c1",), "you are now ada")]
+    assert room.receive("c1", "  /me ") == [Say(("c1",), "you are ada, 1 message sent, on game-server-2")]
+    assert room.receive("c1", "/nick two words") == [
+        Say(("c1",), "usage: /nick NAME (up to 24 characters, no spaces)")
+    ]
+    assert room.receive("c1", "/dance") == [Say(("c1", "c2"), "[game-server-2] ada: /dance")]  # plain text
+    assert room.receive("c1", "/me") == [Say(("c1",), "you are ada, 2 messages sent, on game-server-2")]
+    assert room.receive("ghost", "hi") == []
+    assert room.leave("c1")
+    assert not room.leave("c1")
+
+
+def test_echo_rules_echo_without_a_greeting() -> None:
+    game = EchoRules("game-server-1")
+    assert game.join("c1") == []
+    assert game.receive("c1", "ping") == [Say(("c1",), "ping")]
+    assert game.receive("c1", "/me") == [Say(("c1",), "you are player-1, 1 message sent, on game-server-1")]
+
+
+def test_move_commands_and_their_answers() -> None:
+    room = ChatRules("game-server-2")
+    room.join("c1")
+    assert room.receive("c1", "/move game-server-3") == Move("c1", "game-server-3")
+    assert room.receive("c1", "/move game-server-2") == [
+        Say(("c1",), "cannot move: you are already on game-server-2")
+    ]
+    usage = [Say(("c1",), "usage: /move <server>, for example /move game-server-2")]
+    assert room.receive("c1", "/move") == usage
+    assert room.receive("c1", "/move a b") == usage
+    move = Move("c1", "game-server-3")
+    assert room.moving(move) == [Say(("c1",), "moving to game-server-3...")]
+    assert room.cannot_move(move, "no server game-server-3") == [
+        Say(("c1",), "cannot move: no server game-server-3")
+    ]
+    assert room.receive("c1", "/me") == [Say(("c1",), "you are player-1, 0 messages sent, on game-server-2")]
+
+
+def test_a_profile_travels_as_the_transfer_state() -> None:
+    west, east = ChatRules("game-server-2"), ChatRules("game-server-3")
+    west.join("c1")
+    west.receive("c1", "/nick ada")
+    west.receive("c1", "hello")
+    state = west.state_of("c1")
+    assert state == {"nick": "ada", "messages": 1}
+    east.join("c9")
+    assert east.arrive("c1", state) == [
+        Say(("c1",), "welcome to game-server-3, you are ada (1 message sent so far)")
+    ]
+    assert east.receive("c1", "/me") == [Say(("c1",), "you are ada, 1 message sent, on game-server-3")]
+    assert east.receive("c1", "again") == [Say(("c9", "c1"), "[game-server-3] ada: again")]
+    assert east.profile("c1") == Profile("ada", 2)
+
+
+def test_new_names_skip_names_that_moved_in_and_bad_states_start_afresh() -> None:
+    room = ChatRules("game-server-3")
+    room.arrive("c1", {"nick": "player-1", "messages": 4})
+    room.join("c2")
+    assert [p.nick for p in room.players.values()] == ["player-1", "player-2"]
+    bad_states: list[Any] = [
+        None,
+        [],
+        {"nick": "", "messages": 1},
+        {"nick": "x", "messages": -1},
+        {"nick": "x"},
+    ]
+    for bad in [*bad_states, {"nick": "x", "messages": True}, {"nick": "a b", "messages": 1}]:
+        assert Profile.from_state(bad) is None
+    assert room.arrive("c3", {"nick": 7}) == [
+        Say(("c3",), "welcome to game-server-3, you are player-3"),
+        Say(("c3",), "your profile did not survive the move"),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,6 +458,94 @@ async def test_demo_cluster_port_in_use_raises_oserror_and_releases_ports(
     # The port bound before the failure was released again.
     port = await nursery.start(serve_echo_server, HOST, free)
     assert port == free
+
+
+@asynccontextmanager
+async def demo_world(nursery: trio.Nursery) -> AsyncIterator[AtlasStarted]:
+    """The demo cluster on free ports, and Atlas in front of it with a control channel to each server."""
+    ports = await nursery.start(serve_demo_cluster, HOST, (0, 0, 0))
+    config = Config(
+        proxy=ProxyConfig(listen=f"{HOST}:0"),
+        admin=AdminConfig(listen=f"{HOST}:0"),
+        servers=tuple(
+            ServerConfig(
+                name=f"game-server-{i + 1}",
+                url=f"ws://{HOST}:{port}",
+                control_url=f"ws://{HOST}:{port}/atlas/control",
+            )
+            for i, port in enumerate(ports)
+        ),
+    )
+    async with trio.open_nursery() as inner:
+        atlas: AtlasStarted = await inner.start(serve_atlas, config)
+        channels = atlas.transfers.channels
+        await until(lambda: all(channels.get(server.name) for server in config.servers))
+        yield atlas
+        inner.cancel_scope.cancel()
+
+
+async def test_demo_cluster_moves_a_player_with_its_profile_over_one_connection(
+    nursery: trio.Nursery,
+) -> None:
+    async with demo_world(nursery) as atlas, connect(atlas.proxy.port) as ws:
+        # Wherever the balancer put the player: a chat room greets it first, the echo game does not.
+        await ws.send_message("/server")
+        while (here := await receive_text(ws)).startswith("welcome to "):
+            pass
+        (session,) = atlas.runtime.clients
+        await ws.send_message("/nick ada")
+        assert await receive_text(ws) == "you are now ada"
+        await ws.send_message("hello")
+        assert await receive_text(ws) in ("hello", f"[{here}] ada: hello")
+
+        async def move(target: str, sent: int) -> None:
+            await ws.send_message(f"/move {target}")
+            assert await receive_text(ws) == f"moving to {target}..."
+            message = "message" if sent == 1 else "messages"
+            assert (
+                await receive_text(ws) == f"welcome to {target}, you are ada ({sent} {message} sent so far)"
+            )
+
+        if here != "game-server-2":
+            await move("game-server-2", 1)
+        await ws.send_message("on two")
+        assert await receive_text(ws) == "[game-server-2] ada: on two"
+        await move("game-server-3", 2)
+        await ws.send_message("/me")
+        assert await receive_text(ws) == "you are ada, 2 messages sent, on game-server-3"
+        await ws.send_message("on three")
+        assert await receive_text(ws) == "[game-server-3] ada: on three"
+        await move("game-server-2", 3)
+        await ws.send_message("/me")
+        assert await receive_text(ws) == "you are ada, 3 messages sent, on game-server-2"
+
+        await ws.send_message("/move nowhere")
+        assert await receive_text(ws) == "cannot move: no server nowhere"
+        await ws.send_message("/move game-server-2")
+        assert await receive_text(ws) == "cannot move: you are already on game-server-2"
+        await ws.send_message("/server")
+        assert await receive_text(ws) == "game-server-2"
+
+        # One connection all along: the same client session in Atlas, never closed.
+        assert ws.closed is None
+        assert list(atlas.runtime.clients) == [session]
+
+
+async def test_two_server_world_example_runs_and_exits_0() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "two_server_world", REPO_ROOT / "examples" / "two_server_world.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    lines: list[str] = []
+    with trio.fail_after(30):
+        assert await example.main(lines.append) == 0
+    transcript = "\n".join(lines)
+    assert "< you are now ada" in lines
+    assert "< moving to world-" in transcript
+    assert lines[-1].startswith("-- one connection all along")
+    assert any(line.startswith("< you are ada, 4 messages sent, on world-") for line in lines)
 
 
 # ------------------------------------------------------------------------------------------------

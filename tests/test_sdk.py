@@ -23,12 +23,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, wrap_client_stream
 
+from atlas.config import AdminConfig, Config, ProxyConfig, ServerConfig
 from atlas.control.messages import (
     AtlasMessage,
     Hello,
     Load,
     ServerMessage,
     TransferAbort,
+    TransferAccepted,
     TransferBegin,
     TransferCommit,
     TransferCommitted,
@@ -36,14 +38,18 @@ from atlas.control.messages import (
     TransferNotice,
     TransferPrepare,
     TransferReady,
+    TransferRefused,
     TransferReject,
+    TransferRequest,
     TransferState,
     Welcome,
     decode_from_server,
     encode,
 )
-from atlas.sdk import GameServer, Player, PlayerDisconnected, TransferInfo
+from atlas.sdk import GameServer, Player, PlayerDisconnected, TransferInfo, TransferRequestRefused
 from atlas.sdk._handoff import SOURCE_TRANSITIONS, TARGET_TRANSITIONS, Handoff, IllegalHandoff, Phase
+from atlas.supervisor import AtlasStarted, serve_atlas
+from tests.wsclient import until
 
 HOST = "127.0.0.1"
 CONTROL = "/atlas/control"
@@ -94,6 +100,14 @@ class Game(GameServer):
             await self.gate.wait()
         if message == "boom":
             raise RuntimeError("boom")
+        if isinstance(message, str) and message.startswith("move "):
+            try:
+                transfer = await self.request_transfer(player, message.removeprefix("move "))
+            except TransferRequestRefused as exc:
+                await player.send(f"refused: {exc.reason}")
+            else:
+                await player.send(f"accepted: {transfer}")
+            return
         if message in ("kick", "kick and keep sending"):
             await player.send("bye")
             player.close(4001, "go away")
@@ -718,6 +732,135 @@ async def test_a_full_or_draining_target_refuses() -> None:
         )
         assert "not accepting" in (await control.expect(TransferReject)).reason
         assert "prepare" not in game.kinds()
+
+
+# --------------------------------------------------------------------------------------------------
+# Transfers the game asks for: request_transfer (transfer.request, answered accepted / refused)
+
+
+async def test_request_transfer_returns_the_transfer_id_or_raises_atlas_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="atlas.sdk")
+    game = Game("game-a")
+    async with serving(game) as [port], open_control(port) as control:
+        async with open_ws(port, "/", link_headers("c1")) as link:
+            await game.next_event("connect")
+            await link.send_message("move game-b")
+            request = await control.expect(TransferRequest)
+            assert (request.client, request.target, request.reason) == ("c1", "game-b", "client_request")
+            await control.send(TransferAccepted(request=request.request, transfer="t-7"))
+            assert await receive(link) == "accepted: t-7"
+
+            await link.send_message("move nowhere")
+            second = await control.expect(TransferRequest)
+            assert second.request != request.request  # ids are not reused on a channel
+            await control.send(TransferRefused(request=second.request, reason="no server nowhere"))
+            assert await receive(link) == "refused: no server nowhere"
+
+            # An answer nobody waits for (repeated, or too late) is logged and ignored.
+            await control.send(TransferAccepted(request=request.request, transfer="t-7"))
+            await link.send_message("still here")
+            assert await receive(link) == "game-a:still here:1"
+    assert any("no such request is waiting" in r.getMessage() for r in caplog.records)
+
+
+async def test_request_transfer_without_a_control_channel_raises() -> None:
+    game = Game("game-a")
+    async with serving(game) as [port], open_ws(port, "/", link_headers("c1")) as link:
+        await game.next_event("connect")
+        await link.send_message("move game-b")
+        assert await receive(link) == "refused: game-a has no control channel from Atlas"
+
+
+async def test_request_transfer_fails_when_the_channel_closes_before_the_answer() -> None:
+    game = Game("game-a")
+    async with serving(game) as [port], open_ws(port, "/", link_headers("c1")) as link:
+        await game.next_event("connect")
+        async with open_control(port) as control:
+            await link.send_message("move game-b")
+            await control.expect(TransferRequest)
+        assert (
+            await receive(link) == "refused: the control channel from fake-atlas closed before Atlas answered"
+        )
+
+
+async def test_request_transfer_without_an_answer_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("atlas.sdk._requests.REQUEST_TIMEOUT", 0.2)
+    game = Game("game-a")
+    async with serving(game) as [port], open_control(port) as control:
+        async with open_ws(port, "/", link_headers("c1")) as link:
+            await game.next_event("connect")
+            await link.send_message("move game-b")
+            await control.expect(TransferRequest)
+            assert await receive(link) == "refused: no answer from Atlas within 0.2 s"
+
+
+async def test_request_transfer_checks_its_arguments() -> None:
+    game = Game("game-a")
+    async with serving(game) as [port], open_control(port):
+        async with open_ws(port, "/", link_headers("c1")):
+            await game.next_event("connect")
+            player = game.players["c1"]
+            with pytest.raises(ValueError, match="reason must be one of"):
+                await game.request_transfer(player, "game-b", "teleport")  # type: ignore[arg-type]
+        await game.next_event("disconnect")
+        with pytest.raises(TransferRequestRefused) as refused:
+            await game.request_transfer(player, "game-b")
+        assert refused.value.reason == "player c1 is not on game-a"
+
+
+async def test_request_transfer_through_atlas_moves_the_player_with_its_state() -> None:
+    """A real Atlas: the game asks, Atlas accepts and runs the usual transfer; or Atlas says why not."""
+    games = {name: Game(name) for name in ("gs-a", "gs-b")}
+    async with serving(*games.values()) as ports:
+        config = Config(
+            proxy=ProxyConfig(listen="127.0.0.1:0"),
+            admin=AdminConfig(listen="127.0.0.1:0"),
+            servers=tuple(
+                ServerConfig(
+                    name=name, url=f"ws://{HOST}:{port}/play", control_url=f"ws://{HOST}:{port}{CONTROL}"
+                )
+                for name, port in zip(games, ports, strict=True)
+            ),
+        )
+        async with trio.open_nursery() as nursery:
+            atlas: AtlasStarted = await nursery.start(serve_atlas, config)
+            channels = atlas.transfers.channels
+            await until(lambda: all(channels.get(name) is not None for name in games))
+            async with open_ws(atlas.proxy.port, "/play") as ws:
+                await ws.send_message("m0")
+                first = await receive(ws)
+                assert isinstance(first, str)
+                here = first.split(":")[0]
+                there = next(name for name in games if name != here)
+                source, target = games[here], games[there]
+                await ws.send_message("m1")
+                assert await receive(ws) == f"{here}:m1:2"
+                (client,) = source.players
+
+                await ws.send_message("move nowhere")
+                assert await receive(ws) == "refused: no server nowhere"
+                await ws.send_message(f"move {here}")
+                assert await receive(ws) == f"refused: client {client} is already on {here}"
+
+                await ws.send_message(f"move {there}")
+                accepted = await receive(ws)
+                assert isinstance(accepted, str) and accepted.startswith("accepted: t-")
+                # The usual transfer follows: the target says it arrived once it owns the client.
+                assert await receive(ws) == "arrived"
+                assert await target.next_event("in") == ("in", client, {"count": 2})
+                await ws.send_message("m2")
+                assert await receive(ws) == f"{there}:m2:3"  # same connection, and the count moved along
+                _, info = await source.next_event("prepare")
+                assert (info.id, info.reason, info.peer) == (
+                    accepted.removeprefix("accepted: "),
+                    "client_request",
+                    there,
+                )
+                assert await source.next_event("disconnect") == ("disconnect", client, "transferred")
+                assert ws.closed is None
+            nursery.cancel_scope.cancel()
 
 
 # --------------------------------------------------------------------------------------------------

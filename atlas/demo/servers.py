@@ -1,5 +1,9 @@
 """Example game servers (backends) to run behind Atlas: echo server, chat server, demo cluster.
 
+The echo and chat servers here are plain WebSocket servers (trio-websocket, no control protocol): the
+echo server is the Autobahn conformance backend, and both show what any backend gets from Atlas. The
+demo cluster is made of SDK game servers instead (``atlas.demo.games``), whose players can move.
+
 Theory of operation
 -------------------
 Each server binds its listening sockets first, outside any nursery, so that a port in use surfaces
@@ -32,6 +36,8 @@ from functools import partial
 import attrs
 import trio
 from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, wrap_server_stream
+
+from atlas.demo.games import ChatGame, EchoGame
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -436,10 +442,13 @@ async def serve_demo_cluster(
     *,
     task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve a demo cluster of game servers until cancelled, all in one nursery this task owns.
+    """Serve a demo cluster of SDK game servers until cancelled, all in one nursery this task owns.
 
-    ``game-server-1`` is an echo server on ``ports[0]``; ``game-server-2``, ``game-server-3``, ...
-    are chat servers on the remaining ports. Supports ``nursery.start``, handing back the list of
+    ``game-server-1`` is an echo game (:class:`~atlas.demo.games.EchoGame`) on ``ports[0]``;
+    ``game-server-2``, ``game-server-3``, ... are chat rooms (:class:`~atlas.demo.games.ChatGame`) on
+    the remaining ports. Each serves its control endpoint on ``/atlas/control`` on its own port (Atlas's
+    ``control_url``), and every player can ``/move <server>`` and keeps its nickname and message count
+    when it moves (see :mod:`atlas.demo.rules`). Supports ``nursery.start``, handing back the list of
     bound ports (in the order of ``ports``) once every server accepts connections.
 
     :raises OSError: promptly, and before anything is served, if any port cannot be bound; the
@@ -456,25 +465,8 @@ async def serve_demo_cluster(
             bound_ports: list[int] = []
             for index, listeners in enumerate(bound):
                 name = f"game-server-{index + 1}"
-                if index == 0:
-                    session: _Session = partial(_echo_session, server_name=name)
-                    max_message_size = _ECHO_MAX_MESSAGE_SIZE
-                else:
-                    chat = _ChatServer(
-                        ChatRoom(name), queue_size=_CHAT_QUEUE_SIZE, send_timeout=_CHAT_SEND_TIMEOUT
-                    )
-                    session = chat.session
-                    max_message_size = _CHAT_MAX_MESSAGE_SIZE
-                bound_port = await nursery.start(
-                    partial(
-                        _run_server,
-                        listeners,
-                        session,
-                        server_name=name,
-                        max_message_size=max_message_size,
-                    )
-                )
-                bound_ports.append(bound_port)
+                game = EchoGame(name) if index == 0 else ChatGame(name, send_timeout=_CHAT_SEND_TIMEOUT)
+                bound_ports.append(await nursery.start(game.serve_listeners, listeners))
             task_status.started(bound_ports)
     finally:
         for listeners in bound:

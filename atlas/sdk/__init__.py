@@ -10,14 +10,16 @@ A game subclasses :class:`GameServer`, overrides the hooks it needs, and serves:
         port = await nursery.start(Echo("echo-1", port=8081).serve)
 
 The SDK implements the server side of Atlas's control protocol (docs/protocol.md): ``hello`` and
-``welcome``, ``load`` reports, and both sides of a transfer with a state handoff, so a player moves
-between servers without its connection dropping and without a message lost, duplicated or reordered.
+``welcome``, ``load`` reports, both sides of a transfer with a state handoff, so a player moves
+between servers without its connection dropping and without a message lost, duplicated or reordered,
+and :meth:`GameServer.request_transfer`, with which the game itself asks Atlas to move a player.
 docs/sdk.md is the guide. Everything public is re-exported here; the ``_*`` modules are private.
 """
 
 from atlas.sdk._handoff import Direction, TransferInfo
 from atlas.sdk._links import CLIENT_ID_HEADER, HEALTH_CHECK_HEADER, TRANSFER_HEADER
 from atlas.sdk._player import Player, PlayerDisconnected
+from atlas.sdk._requests import TransferRequestRefused
 from atlas.sdk._server import GameServer, GameServerStatistics
 
 __all__ = [
@@ -30,4 +32,5 @@ __all__ = [
     "Player",
     "PlayerDisconnected",
     "TransferInfo",
+    "TransferRequestRefused",
 ]

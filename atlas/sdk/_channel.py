@@ -1,12 +1,18 @@
-"""One control channel from Atlas, as the game server holds it: its identity and a bounded send."""
+"""One control channel from Atlas, as the game server holds it: its identity and a bounded send.
+
+The server's own requests (``transfer.request``) wait on the channel for Atlas's answer, by request id.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import itertools
 
 import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from atlas.control.messages import ServerMessage, encode
+from atlas.control.messages import ServerMessage, TransferAccepted, TransferRefused, TransferRequest, encode
 
 __all__ = ["ChannelGone", "ControlChannel"]
 
@@ -35,6 +41,41 @@ class ControlChannel:
     welcomed: trio.Event = attrs.field(factory=trio.Event)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     close_code: tuple[int, str] = (1000, "")
+    # The server's transfer.request messages awaiting an answer, by request id (None: the channel closed).
+    _requests: dict[str, trio.MemorySendChannel[TransferAccepted | TransferRefused | None]] = attrs.field(
+        factory=dict
+    )
+    _request_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
+
+    def new_request_id(self) -> str:
+        """A request id not used before on this channel."""
+        return f"r-{next(self._request_ids)}"
+
+    async def request(self, message: TransferRequest) -> TransferAccepted | TransferRefused:
+        """Send ``message`` and wait for Atlas's answer to it (the caller bounds the wait).
+
+        :raises ChannelGone: the channel closed before the answer came (or could not take the request).
+        """
+        answers, answer = trio.open_memory_channel[TransferAccepted | TransferRefused | None](1)
+        self._requests[message.request] = answers
+        try:
+            with answers, answer:
+                await self.send(message)
+                reply = await answer.receive()
+        finally:
+            del self._requests[message.request]
+        if reply is None:
+            raise ChannelGone(f"the control channel from {self.node} closed before Atlas answered")
+        return reply
+
+    def answer(self, message: TransferAccepted | TransferRefused) -> bool:
+        """Hand Atlas's answer to the request waiting for it; False if none is (unknown or given up)."""
+        waiting = self._requests.get(message.request)
+        if waiting is None:
+            return False
+        with contextlib.suppress(trio.WouldBlock):  # a repeated answer: the first one counts
+            waiting.send_nowait(message)
+        return True
 
     async def send(self, message: ServerMessage) -> None:
         """Send one message; :class:`ChannelGone` if the channel cannot take it."""
@@ -56,6 +97,9 @@ class ControlChannel:
         raise ChannelGone(f"the control channel from {self.node} took over {SEND_TIMEOUT:g} s to send")
 
     def close(self) -> None:
-        """Stop using the channel: no more sends, and its reader ends."""
+        """Stop using the channel: no more sends, its reader ends, and waiting requests fail."""
         self.open = False
         self.scope.cancel()
+        for waiting in self._requests.values():
+            with contextlib.suppress(trio.WouldBlock):
+                waiting.send_nowait(None)

@@ -3,10 +3,12 @@
 A session reads Atlas's messages in order. ``hello`` is answered with ``welcome`` and starts the load
 reports (one at once, then every ``load_interval`` seconds). ``transfer.notice`` and
 ``transfer.prepare`` start a transfer task (``_transfers.py``) in the session's nursery; the later
-steps of a transfer are routed to its task by transfer id, if its phase takes them. A message that is
-malformed, of an unknown type, or out of turn is logged and ignored: the channel stays up. When the
-channel closes (or a send on it fails), every transfer that came through it rolls back before the
-session ends.
+steps of a transfer are routed to its task by transfer id, if its phase takes them. Atlas's answers to
+the server's own ``transfer.request`` (``transfer.accepted`` / ``transfer.refused``) go to the request
+waiting for them, by request id (``_requests.py``). A message that is malformed, of an unknown type, or
+out of turn is logged and ignored: the channel stays up. When the channel closes (or a send on it
+fails), every transfer that came through it rolls back, and every request waiting on it fails, before
+the session ends.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from atlas.control.messages import (
     Load,
     ProtocolError,
     TransferAbort,
+    TransferAccepted,
     TransferBegin,
     TransferCommit,
     TransferComplete,
     TransferNotice,
     TransferPrepare,
+    TransferRefused,
     TransferReject,
     Welcome,
     decode_from_atlas,
@@ -65,11 +69,12 @@ async def serve_control(server: GameServer, ws: WebSocketConnection) -> None:
             load_scope = await nursery.start(_report_load, server, channel)
             with channel.scope:
                 await _read(server, channel, nursery)
-            channel.open = False
+            channel.close()
             load_scope.cancel()
             server._transfers.fail_channel(channel, "the control channel closed")
             # The nursery now waits for those transfers to roll back (each rollback is bounded).
     finally:
+        channel.close()
         server._channels.discard(channel)
         going_away = trio.current_effective_deadline() == -math.inf
         code, reason = (1001, "server shutting down") if going_away else channel.close_code
@@ -149,6 +154,14 @@ async def _act(
         await _start_source(server, channel, message, nursery)
     elif isinstance(message, TransferPrepare):
         await _start_target(server, channel, message, nursery)
+    elif isinstance(message, TransferAccepted | TransferRefused):
+        if not channel.answer(message):
+            logger.warning(
+                "%s: ignoring %s for request %s: no such request is waiting",
+                server.name,
+                type(message).__name__,
+                message.request,
+            )
     else:
         await _route(server, channel, message)
 

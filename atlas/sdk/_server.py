@@ -5,18 +5,20 @@ from __future__ import annotations
 import logging
 import types
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import attrs
 import trio
 from trio_websocket import WebSocketRequest
 
+from atlas.control.messages import Reason
 from atlas.sdk._channel import ControlChannel
 from atlas.sdk._control import serve_control
 from atlas.sdk._handoff import TransferInfo
 from atlas.sdk._links import serve_link
 from atlas.sdk._player import Player, PlayerDisconnected
+from atlas.sdk._requests import request_transfer
 from atlas.sdk._transfers import Transfers
 from atlas.sdk._transport import accept, open_listeners, serve_requests
 
@@ -206,6 +208,20 @@ class GameServer:
         :raises OSError: the address cannot be bound (before ``task_status.started``).
         """
         listeners = await open_listeners(self.host, self.port)
+        await self.serve_listeners(listeners, task_status=task_status)
+
+    async def serve_listeners(
+        self,
+        listeners: Sequence[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Like :meth:`serve`, on listeners already bound (``host`` and ``port`` are then unused).
+
+        For a caller that binds several servers' ports before starting any, so that a port in use
+        fails before anything runs (``atlas.demo.serve_demo_cluster`` does). Reports the first
+        listener's port; closes the listeners when it ends.
+        """
         await serve_requests(
             listeners,
             self._route,
@@ -252,6 +268,30 @@ class GameServer:
                 continue
             reached += 1
         return reached
+
+    async def request_transfer(
+        self,
+        player: Player,
+        target: str,
+        reason: Reason = "client_request",
+    ) -> str:
+        """Ask Atlas to move ``player`` to the server named ``target``; returns the transfer id.
+
+        Sends ``transfer.request`` on the control channel and waits for the answer, at most 10 s
+        (cancel the call to give up sooner). Returning means the transfer has *started*: it then runs as
+        any transfer does, with this server as its source (:meth:`on_transfer_prepare`,
+        :meth:`on_transfer_out`, then :meth:`on_disconnect` with ``"transferred"``, or
+        :meth:`on_transfer_aborted` if it is rolled back). Safe to call from :meth:`on_message`: the
+        transfer's cut waits for that call to return, so what the game sends the player before
+        returning still reaches it from here. Do not wait for the transfer to finish inside
+        :meth:`on_message`: it cannot finish before that returns.
+
+        :param reason: one of the protocol's reasons (``"client_request"`` unless the game knows better).
+        :raises TransferRequestRefused: Atlas refused (with its reason), no control channel is up,
+            ``player`` is not on this server, or no answer came in time.
+        :raises ValueError: ``reason`` is not one of the protocol's reasons.
+        """
+        return await request_transfer(self, player, target, reason)
 
     def statistics(self) -> GameServerStatistics:
         """A snapshot of this server's counters."""
