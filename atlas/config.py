@@ -521,7 +521,8 @@ class TransferConfig:
     """The ``[transfer]`` table: seamless client transfers, drain and the rebalancer."""
 
     timeout: float = attrs.field(default=5.0, validator=_seconds(allow_zero=False))
-    """Seconds one transfer may take from request to switch; past it, it rolls back."""
+    """Seconds one transfer may take from request to switch (a prepared one: from when it is used);
+    past it, it rolls back."""
     drain_rate: float = attrs.field(default=50.0, validator=_seconds(allow_zero=False))
     """Clients per second a drain moves off a backend (reason ``maintenance``)."""
     rebalance: bool = False

@@ -275,14 +275,16 @@ class TransferCoordinator:
         record = request.record
         session = request.session
         timeout = self.runtime.config.transfer.timeout
+        deadline = trio.current_time() + timeout
         try:
-            with trio.move_on_after(timeout) as preparing:
+            with trio.move_on_at(deadline) as preparing:
                 await self._prepare(request)
             if preparing.cancelled_caught:
                 raise _RollBack(f"timed out while {record.phase.value}")
             if request.prepare_ttl is not None:
                 await self._wait_for_go(request)
-            with trio.move_on_after(timeout):
+                deadline = trio.current_time() + timeout  # a used preparation gets a fresh budget
+            with trio.move_on_at(deadline):
                 await self._cut_over(request)
             if not record.done and record.can_roll_back:
                 raise _RollBack(f"timed out while {record.phase.value}")
