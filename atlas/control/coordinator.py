@@ -57,6 +57,7 @@ __all__ = ["TransferCoordinator", "TransferOutcome", "TransferRefused"]
 log = logging.getLogger("atlas.transfer")
 
 _QUEUE = 1024
+_UNUSED_PREPARATION = {"preparation expired": "expired", "preparation cancelled": "cancelled"}
 
 
 class TransferRefused(AtlasError):
@@ -119,6 +120,13 @@ class _Request:
     """A preparation is used: carry on with the cut-over."""
     cancel: trio.Event = attrs.field(factory=trio.Event)
     """A preparation is no longer wanted."""
+    after: trio.Event | None = None
+    """Start only once this (a replaced preparation's ``done``) is set."""
+
+    @property
+    def preparing(self) -> bool:
+        """A preparation not yet used or dropped: a new request for the client may take it over."""
+        return self.prepare_ttl is not None and not self.go.is_set() and not self.cancel.is_set()
 
 
 @attrs.frozen
@@ -134,7 +142,7 @@ class _Metrics:
         registry = runtime.metrics.registry
         self.transfers = Counter(
             "atlas_transfers_total",
-            "Transfers, by reason and outcome (committed, rolled_back).",
+            "Transfers by reason and outcome: committed, rolled_back, expired or cancelled (preparations).",
             ["reason", "outcome"],
             registry=registry,
         )
@@ -171,6 +179,9 @@ class TransferCoordinator:
         self._metrics = _Metrics(runtime)
         # Preparations done and waiting to be used, by client id.
         self._prepared: dict[str, _Request] = {}
+        # Every queued or running request, by client id (at most one each, but for a preparation that is
+        # being replaced by a request for another target, which then waits for it to end).
+        self._requests: dict[str, _Request] = {}
         channels.on_request = self._on_server_request
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -194,13 +205,19 @@ class TransferCoordinator:
         session = self.runtime.clients.get(client_id)
         if session is None:
             raise TransferRefused(f"no client {client_id}")
-        waiting = self._prepared.get(client_id)
-        if waiting is not None and waiting.target == target and prepare_ttl is None:
-            waiting.record.reason = reason
-            waiting.go.set()  # a preparation for this very move: use it
-            return waiting
-        if client_id in self.active:
-            raise TransferRefused(f"client {client_id} is already being transferred")
+        after: trio.Event | None = None
+        current = self._requests.get(client_id)
+        if current is not None:
+            if not current.preparing:
+                raise TransferRefused(f"client {client_id} is already being transferred")
+            if current.target == target:
+                if prepare_ttl is None:
+                    current.record.reason = reason
+                    current.go.set()  # a preparation (done or under way) for this very move: use it
+                return current
+            # Prepared for somewhere else: drop that preparation, and start once it has ended.
+            current.cancel.set()
+            after = current.done
         if not session.movable:
             raise TransferRefused(f"client {client_id} cannot be moved now (closing or failing over)")
         backend = self.runtime.pool.get(target)
@@ -224,13 +241,14 @@ class TransferCoordinator:
             blind=blind,
         )
         request = _Request(
-            session=session, target=target, reason=reason, record=record, prepare_ttl=prepare_ttl
+            session=session, target=target, reason=reason, record=record, prepare_ttl=prepare_ttl, after=after
         )
         try:
             self._send.send_nowait(request)
         except trio.WouldBlock:
             raise TransferRefused("too many transfers queued; try again later") from None
         self.active[client_id] = record
+        self._requests[client_id] = request
         return request
 
     def _on_server_request(self, channel: ControlChannel, message: messages.TransferRequest) -> None:
@@ -274,6 +292,8 @@ class TransferCoordinator:
     async def _run(self, request: _Request) -> None:
         record = request.record
         session = request.session
+        if request.after is not None:
+            await request.after.wait()
         timeout = self.runtime.config.transfer.timeout
         deadline = trio.current_time() + timeout
         try:
@@ -293,7 +313,10 @@ class TransferCoordinator:
         except _RollBack as exc:
             await self._roll_back(request, exc.why)
         finally:
-            self.active.pop(record.client_id, None)
+            if self.active.get(record.client_id) is record:
+                del self.active[record.client_id]
+            if self._requests.get(record.client_id) is request:
+                del self._requests[record.client_id]
             stall = session.last_stall if record.phase is Phase.COMPLETED else None
             request.outcome = TransferOutcome(
                 transfer=record.id,
@@ -414,6 +437,7 @@ class TransferCoordinator:
         if session.ending is not None or request.new_link.closed:
             raise _RollBack("the client or the target link went away")
         held = session.up.held_messages()
+        request.new_link.on_first_message = self._metrics.stall.observe
         old = session.switch_to(request.new_link)
         request.new_link = None  # the session owns it now
         record.advance(Phase.SWITCHED)
@@ -442,10 +466,12 @@ class TransferCoordinator:
 
     def _account(self, outcome: TransferOutcome, session: ClientSession) -> None:
         metrics = self._metrics
-        metrics.transfers.labels(outcome.reason, "committed" if outcome.committed else "rolled_back").inc()
+        label = "committed" if outcome.committed else "rolled_back"
+        if outcome.failure in _UNUSED_PREPARATION:
+            # An unused preparation is the predictor changing its mind, not a failed transfer.
+            label = _UNUSED_PREPARATION[outcome.failure]
+        metrics.transfers.labels(outcome.reason, label).inc()
         metrics.duration.observe(outcome.duration)
-        if outcome.stall is not None:
-            metrics.stall.observe(outcome.stall)
         extra = {
             "client": outcome.client,
             "server": outcome.target,
@@ -454,7 +480,11 @@ class TransferCoordinator:
             "transfer": outcome.transfer,
             "outcome": "committed" if outcome.committed else "rolled_back",
         }
-        if outcome.committed:
+        if label in _UNUSED_PREPARATION.values():
+            log.debug(
+                "transfer %s: preparation for %s %s", outcome.transfer, outcome.target, label, extra=extra
+            )
+        elif outcome.committed:
             log.info(
                 "transfer %s: client %s moved %s -> %s (%s%s) in %.1f ms",
                 outcome.transfer,

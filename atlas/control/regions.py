@@ -83,7 +83,9 @@ class RegionService:
                 self._act(nursery, self.predictor.observe(client_id, position, velocity, t))
 
     def _act(self, nursery: trio.Nursery, decisions: list[Decision]) -> None:
-        ttl = self.runtime.config.predictor.prepare_ttl
+        # The coordinator keeps a preparation longer than the predictor does: the predictor extends its own
+        # while the client keeps heading there, and says CancelPrepare when it gives up.
+        ttl = 4 * self.runtime.config.predictor.prepare_ttl
         for decision in decisions:
             if isinstance(decision, Prepare):
                 try:

@@ -111,6 +111,8 @@ class BackendLink:
     """The client's message count when this link became current (what it got = count - up_base)."""
     stall_from: float | None = None
     """When the previous link's last message was relayed (a transfer's cut), until this link's first."""
+    on_first_message: Callable[[float], None] | None = None
+    """Told the client-visible stall (seconds) when this link relays its first message after a switch."""
 
 
 class LinkProvider(Protocol):
@@ -264,6 +266,7 @@ class ClientSession:
         self._down_before += old.scanner.messages
         new.up_base = self.up.messages
         new.stall_from = trio.current_time()
+        self.last_stall = None
         self._install(new)
         old.scope.cancel()
         self._lift()
@@ -495,8 +498,10 @@ class ClientSession:
                     return
                 self._down_dirty = False
                 if stall_from is not None:
-                    self.last_stall = trio.current_time() - stall_from
+                    self.last_stall = stall = trio.current_time() - stall_from
                     stall_from = link.stall_from = None
+                    if link.on_first_message is not None:
+                        link.on_first_message(stall)
             if scanner.state:
                 if self._client_error is not None:
                     self._end(self._client_error)
