@@ -5,6 +5,8 @@ The tree (docs/architecture.md draws it)::
     root nursery (serve_atlas)
      ├─ listener nursery (serve_proxy): accept loops, one task per client session, idle sweeper
      ├─ health nursery (serve_health_checks): one checker per backend
+     ├─ cross-server relay (serve_relay): relayed messages and object handoffs; one writer per channel it
+     │   sends on, one task per object handoff
      ├─ control channels (serve_control_channels): one task per backend with a control endpoint
      ├─ transfer coordinator (TransferCoordinator.serve): one task per transfer, each in its own scope
      ├─ skim dispatcher (Dispatcher.serve): one task per analyzer, fed by the relay's tap
@@ -32,6 +34,7 @@ from atlas.control.coordinator import TransferCoordinator
 from atlas.control.drain import serve_drains
 from atlas.control.rebalancer import serve_rebalancer
 from atlas.control.regions import RegionService
+from atlas.control.relay import serve_relay
 from atlas.errors import ConfigError, StartupError
 from atlas.health import serve_health_checks
 from atlas.ops.server import OpsListening, serve_ops
@@ -80,6 +83,8 @@ async def serve_atlas(
             if config.admin.enabled:
                 ops = await root.start(serve_ops, runtime)
             await root.start(serve_health_checks, runtime)
+            # Before the channels: each channel hands its relay traffic to the hook the relay sets.
+            await root.start(lambda task_status: serve_relay(runtime, channels, task_status=task_status))
             await root.start(
                 lambda task_status: serve_control_channels(runtime, channels, task_status=task_status)
             )

@@ -22,7 +22,7 @@ from atlas.demo.servers import serve_echo_server
 from atlas.errors import StartupError
 from atlas.proxy.frames import CloseCode
 from atlas.supervisor import AtlasStarted, serve_atlas
-from tests.wsclient import open_ws
+from tests.wsclient import open_ws, until
 
 #: Every in-process Atlas in the tests runs its ops server on a free port.
 EPHEMERAL_ADMIN = AdminConfig(listen="127.0.0.1:0")
@@ -382,3 +382,27 @@ async def test_idle_client_is_closed_with_1001() -> None:
                 await ws.get_message()
             assert _reason(closed.value).code == CloseCode.GOING_AWAY
             assert _reason(closed.value).reason == "idle timeout"
+
+
+async def test_a_control_endpoint_that_is_down_does_not_stop_atlas(caplog: pytest.LogCaptureFixture) -> None:
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    dead = sock.getsockname()[1]
+    sock.close()
+    async with echo_backends(1) as ports:
+        config = attrs.evolve(
+            _config(ports),
+            servers=(
+                ServerConfig(
+                    name="gs-1",
+                    url=f"ws://127.0.0.1:{ports[0]}",
+                    control_url=f"ws://127.0.0.1:{dead}/atlas/control",
+                ),
+            ),
+        )
+        async with running_atlas(config) as atlas:
+            await until(lambda: any("unavailable" in r.getMessage() for r in caplog.records))
+            # Still serving: the backend gets blind transfers only, but clients are relayed as ever.
+            async with open_ws(_url(atlas)) as ws:
+                await ws.send_message("still here")
+                assert await ws.get_message() == "still here"

@@ -267,7 +267,7 @@ async def test_hello_welcome_and_load_reports() -> None:
         control = Control(ws)
         await control.send(Hello(versions=[1], node="atlas-1"))
         welcome = await control.receive()
-        assert welcome == Welcome(version=1, server="game-a", capabilities=["transfer"])
+        assert welcome == Welcome(version=1, server="game-a", capabilities=["transfer", "relay"])
         first = await control.receive()
         assert first == Load(players=0, capacity=7, tick_ms=12.5, accepting=True)
         async with open_ws(port, "/play", link_headers("c1")):
@@ -310,7 +310,9 @@ async def test_malformed_control_messages_are_logged_and_ignored(caplog: pytest.
         # A transfer step before hello is ignored too.
         await control.send(TransferComplete(transfer="t0", client="c"))
         await control.send(Hello(versions=[1], node="atlas-1"))
-        assert (await control.receive()) == Welcome(version=1, server="game-a", capabilities=["transfer"])
+        assert (await control.receive()) == Welcome(
+            version=1, server="game-a", capabilities=["transfer", "relay"]
+        )
         await control.expect(Load)
         # Still up: a transfer step after the garbage is answered.
         await control.send(TransferBegin(transfer="t1", client="c", delivered=0, timeout_ms=LONG_MS))

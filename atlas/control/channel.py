@@ -12,6 +12,11 @@ transfer steps are routed by transfer id: :meth:`ControlChannel.request` registe
 channel for the id, sends, and waits (the caller bounds the wait). ``load`` reports are kept as
 ``last_load``. A channel that drops fails every request waiting on it (:class:`ChannelClosed`), so a
 transfer in flight rolls back at once rather than at its deadline.
+
+Cross-server traffic (``relay.*``, ``object.handoff``) goes to the ``on_relay`` hook, which the relay
+service (relay.py) sets. A target's answer to an ``object.offer`` is a reply like a transfer step's,
+routed by the offer's id to :meth:`ControlChannel.request`; an answer nobody waits for (any more) goes to
+``on_relay`` too.
 """
 
 from __future__ import annotations
@@ -33,7 +38,13 @@ from atlas.control.messages import (
     AtlasMessage,
     Hello,
     Load,
+    ObjectAccept,
+    ObjectHandoff,
+    ObjectReject,
     ProtocolError,
+    RelayClient,
+    RelayRegion,
+    RelaySend,
     ServerMessage,
     TransferAbort,
     TransferCommitted,
@@ -47,18 +58,33 @@ from atlas.control.messages import (
 )
 from atlas.runtime import Runtime
 
-__all__ = ["ChannelClosed", "ControlChannel", "ControlChannels", "serve_control_channels"]
+__all__ = ["ChannelClosed", "ControlChannel", "ControlChannels", "RelayTraffic", "serve_control_channels"]
 
 log = logging.getLogger("atlas.control")
 
 _RECONCILE_PERIOD = 1.0
 _MAX_EARLY = 1024
 _MAX_BACKOFF = 10.0
-_Reply = TransferReady | TransferReject | TransferState | TransferCommitted | TransferAbort
+_Reply = (
+    TransferReady
+    | TransferReject
+    | TransferState
+    | TransferCommitted
+    | TransferAbort
+    | ObjectAccept
+    | ObjectReject
+)
+RelayTraffic = RelaySend | RelayRegion | RelayClient | ObjectHandoff | ObjectAccept | ObjectReject
+"""What a channel hands to ``on_relay``: relay requests, handoffs, and offer answers nobody waits for."""
 
 
 def _no_requests(_channel: ControlChannel, _request: TransferRequest) -> None:
     """The default ``on_request``: no coordinator, no transfers."""
+
+
+def _no_relay(channel: ControlChannel, message: RelayTraffic) -> None:
+    """The default ``on_relay``: no relay service, the message is ignored."""
+    log.debug("control %s: no relay service for %s", channel.backend, type(message).__name__)
 
 
 class ChannelClosed(Exception):
@@ -77,6 +103,7 @@ class ControlChannel:
     on_request: Callable[[ControlChannel, TransferRequest], None] = attrs.field(
         default=lambda _channel, _request: None
     )
+    on_relay: Callable[[ControlChannel, RelayTraffic], None] = attrs.field(default=_no_relay)
     _waiting: dict[str, trio.MemorySendChannel[_Reply | None]] = attrs.field(factory=dict)
     # A refusal nobody was waiting for yet (a source rejecting at `notice`): kept for the next request.
     _early: dict[str, _Reply] = attrs.field(factory=dict)
@@ -91,7 +118,10 @@ class ControlChannel:
             raise ChannelClosed(f"control channel of {self.backend} closed") from None
 
     async def request(self, message: AtlasMessage, transfer: str) -> _Reply:
-        """Send ``message`` and wait for the server's reply about ``transfer`` (caller bounds the wait)."""
+        """Send ``message`` and wait for the server's reply about ``transfer`` (caller bounds the wait).
+
+        ``transfer`` is a transfer id, or the id of an ``object.offer`` (its answer's ``handoff``).
+        """
         early = self._early.pop(transfer, None)
         if early is not None:
             return early
@@ -116,6 +146,17 @@ class ControlChannel:
             return
         if isinstance(message, TransferRequest):
             self.on_request(self, message)
+            return
+        if isinstance(message, RelaySend | RelayRegion | RelayClient | ObjectHandoff):
+            self.on_relay(self, message)
+            return
+        if isinstance(message, ObjectAccept | ObjectReject):
+            answered = self._waiting.get(message.handoff)
+            if answered is None:
+                self.on_relay(self, message)  # too late, or an unknown offer: the relay service decides
+            else:
+                with contextlib.suppress(trio.WouldBlock):  # a repeated answer: the first one counts
+                    answered.send_nowait(message)
             return
         waiter = self._waiting.get(message.transfer)
         if waiter is None:
@@ -142,12 +183,15 @@ class ControlChannels:
     """The live control channels by backend name (read by the transfer coordinator).
 
     ``on_request`` is called (synchronously) with each ``transfer.request`` a server sends, and the
-    channel it came on; the transfer coordinator sets it.
+    channel it came on; the transfer coordinator sets it. ``on_relay`` is called the same way with the
+    server's relay traffic (:data:`RelayTraffic`); the relay service sets it. Both are read when a
+    channel comes up: set them before :func:`serve_control_channels` starts.
     """
 
     def __init__(self) -> None:
         self._channels: dict[str, ControlChannel] = {}
         self.on_request: Callable[[ControlChannel, TransferRequest], None] = _no_requests
+        self.on_relay: Callable[[ControlChannel, RelayTraffic], None] = _no_relay
 
     def get(self, backend: str) -> ControlChannel | None:
         """The backend's channel if it is up, else None (the backend then gets blind transfers)."""
@@ -203,16 +247,18 @@ async def _keep_channel(
             try:
                 await _serve_one(runtime, channels, backend, url, node)
                 failures = 0
-            except (
+            # _serve_one's nursery wraps what its body raises in an ExceptionGroup.
+            except* (
                 OSError,
                 trio_websocket.HandshakeError,
                 trio.TooSlowError,
                 ProtocolError,
                 ssl.SSLError,
-            ) as exc:
+            ) as group:
                 failures += 1
                 if failures == 1 or math.log2(failures).is_integer():
-                    log.warning("control channel of %s (%s) unavailable: %s", backend, url, exc)
+                    why = "; ".join(str(exc) for exc in group.exceptions)
+                    log.warning("control channel of %s (%s) unavailable: %s", backend, url, why)
             await trio.sleep(min(_MAX_BACKOFF, 0.2 * 2 ** min(failures, 10)))
 
 
@@ -231,7 +277,13 @@ async def _serve_one(runtime: Runtime, channels: ControlChannels, backend: str, 
                 first = decode_from_server(await ws.get_message())
             if not isinstance(first, Welcome) or first.version != PROTOCOL_VERSION:
                 raise ProtocolError(f"expected welcome with version {PROTOCOL_VERSION}, got {first!r}")
-            channel = ControlChannel(backend=backend, ws=ws, welcome=first, on_request=channels.on_request)
+            channel = ControlChannel(
+                backend=backend,
+                ws=ws,
+                welcome=first,
+                on_request=channels.on_request,
+                on_relay=channels.on_relay,
+            )
             channels._set(channel)
             log.info("control channel of %s up (%s)", backend, first.server, extra={"server": backend})
             try:

@@ -7,6 +7,10 @@ place. docs/protocol.md is the specification; this module is its executable form
 
 Naming: ``transfer`` is a transfer id, ``client`` a client id (the value of ``X-Atlas-Client-Id``),
 ``timeout_ms`` the time the receiver has left to answer (relative, so clocks need not agree).
+
+The ``relay.*`` and ``object.*`` messages carry game data between servers through Atlas (servers that
+announce the ``relay`` capability): ``payload`` and ``state`` are any JSON value, passed on unchanged,
+``point`` is a world position ``[x, y, z]``, ``handoff`` an id for one object handoff.
 """
 
 from __future__ import annotations
@@ -17,11 +21,26 @@ import msgspec
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "RELAY_CAPABILITY",
     "SUPPORTED_VERSIONS",
     "AtlasMessage",
     "Hello",
     "Load",
+    "ObjectAccept",
+    "ObjectAck",
+    "ObjectHandoff",
+    "ObjectOffer",
+    "ObjectReject",
+    "ObjectRejected",
+    "ObjectWithdrawn",
+    "Point",
     "ProtocolError",
+    "RelayClient",
+    "RelayKind",
+    "RelayMessage",
+    "RelayRegion",
+    "RelaySend",
+    "RelayUndeliverable",
     "ServerMessage",
     "TransferAbort",
     "TransferAccepted",
@@ -45,8 +64,17 @@ __all__ = [
 PROTOCOL_VERSION: Final = 1
 SUPPORTED_VERSIONS: Final = (1,)
 
+RELAY_CAPABILITY: Final = "relay"
+"""The ``welcome`` capability of a server that takes ``relay.message`` and ``object.offer``."""
+
 Reason = Literal["load_balancing", "maintenance", "region_boundary", "failover", "admin", "client_request"]
 """Why a transfer happens."""
+
+RelayKind = Literal["server", "region", "client"]
+"""How a relayed message was addressed: to a server by name, to a region's owner, to a client."""
+
+Point = tuple[float, float, float]
+"""A position in the game world, ``[x, y, z]`` on the wire."""
 
 
 class ProtocolError(Exception):
@@ -138,6 +166,70 @@ class TransferAbort(_Message, tag="transfer.abort"):
     reason: str
 
 
+class RelayMessage(_Message, tag="relay.message", omit_defaults=True):
+    """To a server: a message another server addressed to it (``kind`` says how).
+
+    ``point`` is set for ``kind="region"``, ``client`` for ``kind="client"`` (deliver it to that player;
+    ``hops`` counts how often it was passed on already). ``relay`` is the sender's id for the message.
+    """
+
+    from_server: str
+    kind: RelayKind
+    payload: Any
+    client: str | None = None
+    point: Point | None = None
+    relay: str | None = None
+    hops: int = 0
+
+
+class RelayUndeliverable(_Message, tag="relay.undeliverable", omit_defaults=True):
+    """To a sender: its relayed message reached nobody, and why; its address and payload come back."""
+
+    kind: RelayKind
+    reason: str
+    payload: Any
+    to_server: str | None = None
+    point: Point | None = None
+    client: str | None = None
+    relay: str | None = None
+
+
+class ObjectOffer(_Message, tag="object.offer", omit_defaults=True):
+    """To the target: take over ``object`` from ``from_server``; answer ``object.accept`` or ``.reject``.
+
+    ``handoff`` is Atlas's id for this offer (not the source's); ``point`` is where the object went, if
+    the source gave one.
+    """
+
+    handoff: str
+    object: str
+    from_server: str
+    state: Any
+    timeout_ms: int
+    point: Point | None = None
+
+
+class ObjectAck(_Message, tag="object.ack", omit_defaults=True):
+    """To the source: ``to_server`` accepted the object; it is no longer the source's."""
+
+    handoff: str
+    to_server: str
+
+
+class ObjectRejected(_Message, tag="object.rejected", omit_defaults=True):
+    """To the source: the object did not move (refused, timed out, undeliverable); the source keeps it."""
+
+    handoff: str
+    reason: str
+
+
+class ObjectWithdrawn(_Message, tag="object.withdrawn", omit_defaults=True):
+    """To the target: an offer is void (too late, or the source was lost); drop the object if you took it."""
+
+    handoff: str
+    reason: str
+
+
 # -- server -> Atlas ------------------------------------------------------------------------------
 
 
@@ -201,6 +293,63 @@ class TransferCommitted(_Message, tag="transfer.committed"):
     transfer: str
 
 
+class RelaySend(_Message, tag="relay.send", omit_defaults=True):
+    """From a server: relay ``payload`` to the server named ``to_server``."""
+
+    to_server: str
+    payload: Any
+    relay: str | None = None
+
+
+class RelayRegion(_Message, tag="relay.region", omit_defaults=True):
+    """From a server: relay ``payload`` to the owner of the region that holds ``point``."""
+
+    point: Point
+    payload: Any
+    relay: str | None = None
+
+
+class RelayClient(_Message, tag="relay.client", omit_defaults=True):
+    """From a server: relay ``payload`` to the client ``client``, on whichever server it is.
+
+    A server that got a ``relay.message`` for a player that is no longer (or not yet quite) its own
+    passes it on with ``from_server`` (the original sender) and ``hops`` (one more than it got).
+    """
+
+    client: str
+    payload: Any
+    relay: str | None = None
+    from_server: str | None = None
+    hops: int = 0
+
+
+class ObjectHandoff(_Message, tag="object.handoff", omit_defaults=True):
+    """From the source: hand ``object`` (with its ``state``) to the owner of ``point``, or to ``to_server``.
+
+    Exactly one of ``point`` and ``to_server``. ``handoff`` is the source's id for it; Atlas answers
+    ``object.ack`` or ``object.rejected`` with that id. The source keeps the object until then.
+    """
+
+    handoff: str
+    object: str
+    state: Any
+    point: Point | None = None
+    to_server: str | None = None
+
+
+class ObjectAccept(_Message, tag="object.accept", omit_defaults=True):
+    """From the target: it took the object of the offer ``handoff``; it is the target's now."""
+
+    handoff: str
+
+
+class ObjectReject(_Message, tag="object.reject", omit_defaults=True):
+    """From the target: it refuses the offer ``handoff``; the source keeps the object."""
+
+    handoff: str
+    reason: str
+
+
 AtlasMessage = (
     Hello
     | TransferNotice
@@ -211,6 +360,12 @@ AtlasMessage = (
     | TransferAbort
     | TransferAccepted
     | TransferRefused
+    | RelayMessage
+    | RelayUndeliverable
+    | ObjectOffer
+    | ObjectAck
+    | ObjectRejected
+    | ObjectWithdrawn
 )
 """Any message Atlas sends."""
 
@@ -223,6 +378,12 @@ ServerMessage = (
     | TransferCommitted
     | TransferAbort
     | TransferRequest
+    | RelaySend
+    | RelayRegion
+    | RelayClient
+    | ObjectHandoff
+    | ObjectAccept
+    | ObjectReject
 )
 """Any message a game server sends."""
 

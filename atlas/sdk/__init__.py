@@ -12,13 +12,16 @@ A game subclasses :class:`GameServer`, overrides the hooks it needs, and serves:
 The SDK implements the server side of Atlas's control protocol (docs/protocol.md): ``hello`` and
 ``welcome``, ``load`` reports, both sides of a transfer with a state handoff, so a player moves
 between servers without its connection dropping and without a message lost, duplicated or reordered,
-and :meth:`GameServer.request_transfer`, with which the game itself asks Atlas to move a player.
+and :meth:`GameServer.request_transfer`, with which the game itself asks Atlas to move a player; and
+cross-server traffic through Atlas: messages to another server, to the owner of a region, to a client
+wherever it is, and object handoffs between regions (:meth:`GameServer.hand_off`).
 docs/sdk.md is the guide. Everything public is re-exported here; the ``_*`` modules are private.
 """
 
 from atlas.sdk._handoff import Direction, TransferInfo
 from atlas.sdk._links import CLIENT_ID_HEADER, HEALTH_CHECK_HEADER, TRANSFER_HEADER
 from atlas.sdk._player import Player, PlayerDisconnected
+from atlas.sdk._relay import HandoffRejected, ObjectOffer, RelayMessage, RelayUnavailable, Undeliverable
 from atlas.sdk._requests import TransferRequestRefused
 from atlas.sdk._server import GameServer, GameServerStatistics
 
@@ -29,8 +32,13 @@ __all__ = [
     "Direction",
     "GameServer",
     "GameServerStatistics",
+    "HandoffRejected",
+    "ObjectOffer",
     "Player",
     "PlayerDisconnected",
+    "RelayMessage",
+    "RelayUnavailable",
     "TransferInfo",
     "TransferRequestRefused",
+    "Undeliverable",
 ]

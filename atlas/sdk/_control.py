@@ -5,10 +5,11 @@ reports (one at once, then every ``load_interval`` seconds). ``transfer.notice``
 ``transfer.prepare`` start a transfer task (``_transfers.py``) in the session's nursery; the later
 steps of a transfer are routed to its task by transfer id, if its phase takes them. Atlas's answers to
 the server's own ``transfer.request`` (``transfer.accepted`` / ``transfer.refused``) go to the request
-waiting for them, by request id (``_requests.py``). A message that is malformed, of an unknown type, or
-out of turn is logged and ignored: the channel stays up. When the channel closes (or a send on it
-fails), every transfer that came through it rolls back, and every request waiting on it fails, before
-the session ends.
+waiting for them, by request id (``_requests.py``). Cross-server traffic (``relay.*``, ``object.*``)
+goes to the server's relay (``_relay.py``), whose task for this channel runs beside the load reporter.
+A message that is malformed, of an unknown type, or out of turn is logged and ignored: the channel stays
+up. When the channel closes (or a send on it fails), every transfer that came through it rolls back,
+and every request waiting on it fails, before the session ends.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from atlas.control.messages import (
+    RELAY_CAPABILITY,
     SUPPORTED_VERSIONS,
     AtlasMessage,
     Hello,
@@ -40,6 +42,7 @@ from atlas.control.messages import (
 )
 from atlas.sdk._channel import ChannelGone, ControlChannel
 from atlas.sdk._handoff import Handoff, TransferInfo
+from atlas.sdk._relay import RELAY_MESSAGES
 from atlas.sdk._transfers import Incoming, Outgoing, run_source, run_target
 
 if TYPE_CHECKING:
@@ -49,8 +52,9 @@ __all__ = ["CAPABILITIES", "NO_COMMON_VERSION", "serve_control"]
 
 logger = logging.getLogger("atlas.sdk")
 
-#: What this SDK offers in ``welcome``: it takes part in transfers with a state handoff.
-CAPABILITIES = ("transfer",)
+#: What this SDK offers in ``welcome``: it takes part in transfers with a state handoff, and takes
+#: relayed messages and object offers.
+CAPABILITIES = ("transfer", RELAY_CAPABILITY)
 #: Close code and reason when ``hello`` offers no version this SDK speaks.
 NO_COMMON_VERSION = (4000, "no common protocol version")
 #: Seconds Atlas has to say ``hello`` after the control WebSocket opens.
@@ -67,10 +71,12 @@ async def serve_control(server: GameServer, ws: WebSocketConnection) -> None:
     try:
         async with trio.open_nursery() as nursery:
             load_scope = await nursery.start(_report_load, server, channel)
+            relay_scope = await nursery.start(server._relay.serve_channel, channel)
             with channel.scope:
                 await _read(server, channel, nursery)
             channel.close()
             load_scope.cancel()
+            relay_scope.cancel()
             server._transfers.fail_channel(channel, "the control channel closed")
             # The nursery now waits for those transfers to roll back (each rollback is bounded).
     finally:
@@ -162,6 +168,8 @@ async def _act(
                 type(message).__name__,
                 message.request,
             )
+    elif isinstance(message, RELAY_MESSAGES):
+        server._relay.receive(channel, message)
     else:
         await _route(server, channel, message)
 

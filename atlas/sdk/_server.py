@@ -12,12 +12,14 @@ import attrs
 import trio
 from trio_websocket import WebSocketRequest
 
+from atlas.control import messages as wire
 from atlas.control.messages import Reason
 from atlas.sdk._channel import ControlChannel
 from atlas.sdk._control import serve_control
 from atlas.sdk._handoff import TransferInfo
 from atlas.sdk._links import serve_link
 from atlas.sdk._player import Player, PlayerDisconnected
+from atlas.sdk._relay import ObjectOffer, Relay, RelayMessage, Undeliverable, as_point, deliver_to_player
 from atlas.sdk._requests import request_transfer
 from atlas.sdk._transfers import Transfers
 from atlas.sdk._transport import accept, open_listeners, serve_requests
@@ -52,7 +54,9 @@ class GameServer:
 
     Subclass it and override the hooks (``on_connect``, ``on_message``, ``on_disconnect`` and, for
     transfers, ``on_transfer_prepare``, ``on_transfer_out``, ``on_transfer_in``, ``on_transfer_aborted``,
-    ``on_transfer_in_aborted``); then ``await nursery.start(server.serve)``.
+    ``on_transfer_in_aborted``; for cross-server traffic, ``on_relay``, ``on_client_relay``,
+    ``on_relay_undeliverable``, ``on_object_offer``, ``on_object_withdrawn``); then
+    ``await nursery.start(server.serve)``.
 
     One port serves both kinds of WebSocket Atlas opens: the *control channel* on ``control_path``
     (configure Atlas's ``control_url`` as ``ws://host:port/atlas/control``) and *data links*, one per
@@ -122,6 +126,7 @@ class GameServer:
         self._players_view: Mapping[str, Player] = types.MappingProxyType(self._players)
         self._transfers = Transfers()
         self._channels: set[ControlChannel] = set()
+        self._relay = Relay(self)
 
     # -- hooks -----------------------------------------------------------------------------------------
 
@@ -194,6 +199,57 @@ class GameServer:
         """On the target: a transfer that :meth:`on_transfer_prepare` agreed to was rolled back.
 
         Release whatever was reserved for the player. Bounded to 5 s. The default does nothing.
+        """
+
+    # -- hooks: cross-server traffic (docs/sdk.md section 9) ---------------------------------------------
+
+    async def on_relay(self, message: RelayMessage) -> None:
+        """A message from another server, addressed to this one by name or as the owner of a region.
+
+        ``message.kind`` is ``"server"`` (:meth:`send_to_server`) or ``"region"`` (:meth:`send_to_region`,
+        with ``message.point``); ``message.payload`` is what the sender sent (decoded JSON). Relayed
+        messages are handled one at a time, in the order they arrive (what one server sends this one
+        arrives in the order it sent it). If this raises, the exception is logged. The default ignores it.
+        """
+
+    async def on_client_relay(self, player: Player, message: RelayMessage) -> None:
+        """A message from another server for ``player``, one of this server's players (``kind="client"``).
+
+        Called in the same order as :meth:`on_relay`, only while ``player`` is here and not being handed
+        off (a message for a player that has left, or is leaving, goes back to Atlas, which forwards it to
+        the player's new server). The default sends ``message.payload`` to the player: a string as it is,
+        anything else as JSON text; if the player's hand-off begins meanwhile, the message goes on to the
+        player's next server instead (a send of your own would be dropped with the hand-off, as any send
+        to a leaving player: call ``super().on_client_relay`` to get this).
+        """
+        await deliver_to_player(player, message)
+
+    async def on_relay_undeliverable(self, notice: Undeliverable) -> None:
+        """A message this server relayed reached nobody; ``notice.reason`` says why.
+
+        ``notice.relay`` is the id the ``send_to_*`` call returned; its address and ``payload`` come
+        back too. The default logs it.
+        """
+        logger.warning(
+            "%s: relay %s (%s) undeliverable: %s", self.name, notice.relay, notice.kind, notice.reason
+        )
+
+    async def on_object_offer(self, offer: ObjectOffer) -> bool:
+        """Another server hands this one an object: take it (return True) or refuse (return False).
+
+        Returning True makes ``offer.object``, with ``offer.state``, this server's from then on: install
+        it before returning. Atlas then tells the source, which drops it. Must answer within
+        ``offer.timeout`` seconds (else it is cancelled and the offer refused); if it raises, the offer is
+        refused. Offers are decided concurrently, each in a task of its own. The default refuses.
+        """
+        return False
+
+    async def on_object_withdrawn(self, offer: ObjectOffer, reason: str) -> None:
+        """An object this server took (:meth:`on_object_offer` returned True) did not move after all.
+
+        Rare: Atlas gave up on the offer before the acceptance reached it (it came too late, or the
+        source's or this server's control channel closed meanwhile), so the source keeps the object.
+        Remove it here. Bounded to 5 s. The default logs a warning only.
         """
 
     # -- serving ---------------------------------------------------------------------------------------
@@ -292,6 +348,65 @@ class GameServer:
         :raises ValueError: ``reason`` is not one of the protocol's reasons.
         """
         return await request_transfer(self, player, target, reason)
+
+    # -- cross-server traffic ----------------------------------------------------------------------------
+
+    async def send_to_server(self, server: str, payload: Any) -> str:
+        """Send ``payload`` (any JSON value) to the server named ``server``, through Atlas.
+
+        Returns at once with the message's relay id; the target gets it in :meth:`on_relay` (kind
+        ``"server"``), after anything this server relayed to it before. If it reaches nobody (no such
+        server, its control channel is down), :meth:`on_relay_undeliverable` is called with that id.
+
+        :raises RelayUnavailable: no control channel from Atlas is up.
+        :raises TypeError: ``payload`` cannot be encoded as JSON.
+        """
+        return await self._relay.send(wire.RelaySend, to_server=server, payload=payload)
+
+    async def send_to_region(self, point: Sequence[float], payload: Any) -> str:
+        """Send ``payload`` to the server that owns the region holding ``point`` (``[x, y, z]``).
+
+        Atlas looks the owner up on its world map (docs/world.md); it gets the message in
+        :meth:`on_relay` with kind ``"region"`` and the point. That may be this server. Otherwise as
+        :meth:`send_to_server` (undeliverable when no region holds the point).
+
+        :raises ValueError: ``point`` is not three finite numbers.
+        """
+        return await self._relay.send(wire.RelayRegion, point=as_point(point), payload=payload)
+
+    async def send_to_client(self, client: str, payload: Any) -> str:
+        """Send ``payload`` to the player ``client`` (a client id), on whichever server it is now.
+
+        The server that has the client gets it in :meth:`on_client_relay` (by default, sent to the
+        player). A client that is being transferred gets it from its new server once the transfer has
+        ended (or from this one, if it was rolled back). Otherwise as :meth:`send_to_server`
+        (undeliverable when there is no such client).
+        """
+        return await self._relay.send(wire.RelayClient, client=client, payload=payload)
+
+    async def hand_off(
+        self,
+        object_id: str,
+        state: Any,
+        *,
+        to_point: Sequence[float] | None = None,
+        to_server: str | None = None,
+    ) -> str:
+        """Hand the object ``object_id`` and its ``state`` to the owner of ``to_point``, or to ``to_server``.
+
+        Waits until the target has taken it (its :meth:`on_object_offer` returned True) and returns the
+        target's name: the object is no longer this server's, drop it now. Until this returns, the
+        object is still this server's: keep simulating it. Atlas bounds the target's answer with its
+        ``[transfer] timeout``; this call waits at most ``handoff_timeout`` seconds (keep that the
+        larger). Cancelling the call while Atlas decides leaves the outcome unknown: do not.
+
+        :raises HandoffRejected: the object did not move and is still this server's (the target
+            refused or did not answer in time, no region holds the point, the point is this server's own,
+            no such server, no control channel is up, ...); ``reason`` says why.
+        :raises ValueError: not exactly one of ``to_point`` and ``to_server``, or a bad point.
+        :raises TypeError: ``state`` cannot be encoded as JSON.
+        """
+        return await self._relay.hand_off(object_id, state, to_point=to_point, to_server=to_server)
 
     def statistics(self) -> GameServerStatistics:
         """A snapshot of this server's counters."""
