@@ -363,6 +363,10 @@ ATLAS_TOML = """\
 [proxy]
 listen = "{listen}"
 
+[admin]
+# Metrics on, as by default, but on a free port so that runs side by side do not collide.
+listen = "127.0.0.1:0"
+
 [[servers]]
 name = "echo"
 url = "{backend_url}"
