@@ -86,6 +86,10 @@ class TransferOutcome:
     duration: float
     stall: float | None = None
     """Seconds from the source's last relayed message to the target's first (when known yet)."""
+    hold: float | None = None
+    """Seconds the client's messages were held: from the hold taking effect to the switch (or rollback).
+
+    This is the cut-over's own cost to the client: input sent meanwhile waits this long at most."""
 
     def to_json(self) -> dict[str, Any]:
         """The outcome as a JSON-able dict."""
@@ -101,6 +105,7 @@ class TransferOutcome:
             "failure": self.failure,
             "duration_ms": round(self.duration * 1000, 3),
             "stall_ms": None if self.stall is None else round(self.stall * 1000, 3),
+            "hold_ms": None if self.hold is None else round(self.hold * 1000, 3),
         }
 
 
@@ -330,6 +335,7 @@ class TransferCoordinator:
                 failure=record.failure,
                 duration=record.duration,
                 stall=stall,
+                hold=_held_for(record),
             )
             self._account(request.outcome, session)
             request.done.set()
@@ -507,6 +513,17 @@ class TransferCoordinator:
                 outcome.failure,
                 extra=extra,
             )
+
+
+def _held_for(record: TransferRecord) -> float | None:
+    """Time between HOLDING and the phase that ended the hold (SWITCHED or ROLLED_BACK)."""
+    held = None
+    for phase, at in record.history:
+        if phase is Phase.HOLDING:
+            held = at
+        elif held is not None and phase in (Phase.SWITCHED, Phase.ROLLED_BACK):
+            return at - held
+    return None
 
 
 async def _set_when(event: trio.Event, scope: trio.CancelScope) -> None:
