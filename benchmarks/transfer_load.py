@@ -57,18 +57,21 @@ class CounterGame(GameServer):
 
 class PlainRecorder:
     def __init__(self) -> None:
-        self.received: dict[str, list[str]] = defaultdict(list)
+        # Per client, one list per link in the order the links opened (see tests/test_transfer_e2e.py).
+        self.links: dict[str, list[list[str]]] = defaultdict(list)
 
     def handler_for(self, name: str) -> Any:
         async def handler(request: WebSocketRequest) -> None:
             headers = {k.lower(): v for k, v in request.headers}
             client = headers.get(b"x-atlas-client-id", b"").decode()
+            received: list[str] = []
+            if client:
+                self.links[client].append(received)
             ws = await request.accept()
             with contextlib.suppress(ConnectionClosed):
                 while True:
                     message = await ws.get_message()
-                    if client:
-                        self.received[client].append(str(message))
+                    received.append(str(message))
                     await ws.send_message(f"{message!s}:0:{name}")
 
         return handler
@@ -179,8 +182,8 @@ async def servers_main(kind: str) -> None:
             # Every client message reached exactly one backend, in order (the recorder saw them all).
             errors = sum(
                 1
-                for messages in recorder.received.values()
-                if [int(m) for m in messages] != list(range(len(messages)))
+                for links in recorder.links.values()
+                if [int(m) for link in links for m in link] != list(range(sum(map(len, links))))
             )
             print(json.dumps({"plain_backend_order_errors": errors}), flush=True)
         nursery.cancel_scope.cancel()
