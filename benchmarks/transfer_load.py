@@ -72,7 +72,9 @@ class PlainRecorder:
                 while True:
                     message = await ws.get_message()
                     received.append(str(message))
-                    await ws.send_message(f"{message!s}:0:{name}")
+                    # After Atlas's Close a send fails, yet earlier messages can still be read.
+                    with contextlib.suppress(ConnectionClosed):
+                        await ws.send_message(f"{message!s}:0:{name}")
 
         return handler
 
@@ -185,7 +187,21 @@ async def servers_main(kind: str) -> None:
                 for links in recorder.links.values()
                 if [int(m) for link in links for m in link] != list(range(sum(map(len, links))))
             )
-            print(json.dumps({"plain_backend_order_errors": errors}), flush=True)
+            bad = []
+            for client, links in recorder.links.items():
+                flat = [int(m) for link in links for m in link]
+                if flat != list(range(len(flat))):
+                    where = next(i for i, m in enumerate(flat) if m != i)
+                    sizes = [len(link) for link in links]
+                    bad.append(
+                        {
+                            "client": client,
+                            "at": where,
+                            "around": flat[max(0, where - 3) : where + 4],
+                            "links": sizes[:12],
+                        }
+                    )
+            print(json.dumps({"plain_backend_order_errors": errors, "examples": bad[:3]}), flush=True)
         nursery.cancel_scope.cancel()
 
 

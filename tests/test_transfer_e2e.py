@@ -45,7 +45,10 @@ class Recorder:
                 message = await ws.get_message()
                 assert isinstance(message, str)
                 received.append(message)
-                await ws.send_message(message)
+                # A send fails once Atlas's Close (the cut) has arrived, but messages that came before the
+                # Close can still be read: keep reading until get_message says the connection is closed.
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send_message(message)
 
     def received(self, client: str) -> list[str]:
         """What the client's links carried, link after link."""

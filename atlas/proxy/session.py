@@ -283,10 +283,21 @@ class ClientSession:
         self._lift()
 
     async def retire_link(self, link: BackendLink, reason: str = "transferred") -> None:
-        """Close a link a transfer left behind: Close 1000 to its backend, then the stream."""
+        """Close a link a transfer left behind: Close 1000 to its backend, then the stream.
+
+        Atlas is the backend's client, so it waits (bounded) for the backend to close the TCP connection,
+        reading and dropping what the backend still sends. Closing with unread bytes in the socket would
+        make the kernel send a reset, and a reset makes the backend's kernel throw away what the backend
+        has not read yet: the last client messages relayed to it.
+        """
         if not link.closed and link.scanner.state is ScanState.OPEN:
-            with trio.move_on_after(self.close_timeout):
-                await self._send_close(link.stream, True, (CloseCode.NORMAL, reason), mask=True)
+            with (
+                trio.move_on_after(self.close_timeout),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                if await self._send_close(link.stream, True, (CloseCode.NORMAL, reason), mask=True):
+                    while await link.stream.receive_some(_RECEIVE_SIZE):
+                        pass
         await self._close_link(link)
 
     def _arm(self) -> None:
