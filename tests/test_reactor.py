@@ -465,3 +465,30 @@ async def test_session_backend_gone_through_the_reactor() -> None:
         assert bytes(got) == build_close(1011, "backend went away", mask=False)
         assert link.abnormal
         await client_peer.aclose()
+
+
+async def test_a_pair_is_lent_from_one_task_and_given_back_together() -> None:
+    async with running_reactor() as reactor:
+        one, two = await Hop.open(), await Hop.open()
+        fds = [socket_fd(s) for s in (one.src, one.dst, two.src, two.dst)]
+        assert None not in fds
+        a_src, a_dst, b_src, b_dst = (fd for fd in fds if fd is not None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reactor.relay_pair, one.d, a_src, a_dst, two.d, b_src, b_dst)
+            await trio.testing.wait_all_tasks_blocked()
+            assert reactor.statistics().lent == 2
+            await one.src_peer.send_all(frames(4))
+            await two.src_peer.send_all(frames(5))
+            assert await one.read_exactly(len(frames(4))) == frames(4)
+            assert await two.read_exactly(len(frames(5))) == frames(5)
+            await two.src_peer.aclose()  # one direction ends: the task wakes once, for both
+        assert (one.d.kind, two.d.kind) == (Handback.REVOKED, Handback.EOF)
+        assert reactor.statistics().lent == 0
+        # Cancelling a task that lent a pair releases both.
+        with trio.move_on_after(0.05):
+            await reactor.relay_pair(one.d, a_src, a_dst, two.d, b_src, b_dst)
+        assert one.d.task is None
+        assert two.d.task is None
+        assert reactor.statistics().lent == 0
+        await one.aclose()
+        await two.aclose()

@@ -15,8 +15,9 @@ file descriptor and, without awaiting anything, for each:
   stops reading its source (backpressure: the kernel then holds what the peer sends) and waits for
   ``EPOLLOUT`` on the destination.
 
-The reactor only moves bytes and tracks boundaries. Everything else belongs to the session's pump task,
-which *lends* a direction to the reactor with :meth:`Reactor.relay` and sleeps there until the reactor
+The reactor only moves bytes and tracks boundaries. Everything else belongs to the session's tasks: a
+session *lends* both directions from its own task with :meth:`Reactor.relay_pair` (an idle session is one
+parked task), a pump task lends one with :meth:`Reactor.relay`, and the lender sleeps until the reactor
 gives it back with a :class:`Handback`: the source ended (``EOF``), a chunk needs the session (``FED``:
 the scanner stopped at a Close frame, a protocol error or a transfer hold; the bytes to forward are in
 ``Direction.out``, unsent), the destination broke (``SEND_FAILED``), or the session took the direction back
@@ -41,7 +42,6 @@ import os
 import select
 from typing import TYPE_CHECKING, Final
 
-import outcome
 import trio
 
 if TYPE_CHECKING:
@@ -85,7 +85,21 @@ class Direction:
     ``dst`` are the file descriptors it reads and writes.
     """
 
-    __slots__ = ("attention", "dirty", "dst", "nbytes", "out", "scanner", "sent", "src", "task", "whole")
+    __slots__ = (
+        "attention",
+        "dirty",
+        "dst",
+        "kind",
+        "lender",
+        "nbytes",
+        "out",
+        "partner",
+        "scanner",
+        "sent",
+        "src",
+        "task",
+        "whole",
+    )
 
     def __init__(self, scanner: FrameScanner) -> None:
         self.scanner = scanner
@@ -102,6 +116,21 @@ class Direction:
         self.src = -1
         self.dst = -1
         self.task: trio.lowlevel.Task | None = None
+        self.kind = Handback.REVOKED
+        """Why the reactor gave this direction back, the last time it did."""
+        self.lender: Reactor | None = None
+        self.partner: Direction | None = None
+        """The other direction lent together with this one (:meth:`Reactor.relay_pair`)."""
+
+    def abort(self, _: object) -> trio.lowlevel.Abort:
+        """The lending task was cancelled: the reactor lets go of this direction and its partner."""
+        lender = self.lender
+        if lender is not None:
+            partner = self.partner
+            lender._release(self)
+            if partner is not None:
+                lender._release(partner)
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def take(self, data: bytes | bytearray) -> bytes | bytearray:
         """Count and scan received bytes; return what may be forwarded now (the per-chunk step)."""
@@ -199,7 +228,7 @@ class Reactor:
     def __init__(self) -> None:
         self._epoll: select.epoll | None = None
         self._entries: dict[int, _Entry] = {}
-        self._lent: set[Direction] = set()
+        self._lent = 0
         self.closed = False
         """True until :meth:`serve` runs and again once it stopped: nothing can be lent then."""
         self._wakeups = 0
@@ -208,7 +237,7 @@ class Reactor:
 
     def statistics(self) -> ReactorStatistics:
         """Counters: wake-ups, epoll events handled, partial writes, and directions lent right now."""
-        return ReactorStatistics(self._wakeups, self._events, self._partial_writes, len(self._lent))
+        return ReactorStatistics(self._wakeups, self._events, self._partial_writes, self._lent)
 
     @property
     def running(self) -> bool:
@@ -225,21 +254,41 @@ class Reactor:
         if not self.running or d.task is not None:
             await trio.lowlevel.checkpoint()
             return Handback.REVOKED
+        self._lend(d, src, dst, trio.lowlevel.current_task())
+        await trio.lowlevel.wait_task_rescheduled(d.abort)
+        return d.kind
+
+    async def relay_pair(
+        self, a: Direction, a_src: int, a_dst: int, b: Direction, b_src: int, b_dst: int
+    ) -> None:
+        """Lend two directions from one task until either is given back; then the other is revoked.
+
+        The caller reads ``a.kind`` and ``b.kind`` (the one not given back first is ``REVOKED``, with its
+        bytes in flight, if any, in ``out``). One parked task for both directions of a session: an idle
+        session costs no pump tasks.
+        """
+        if not self.running or a.task is not None or b.task is not None:
+            await trio.lowlevel.checkpoint()
+            a.kind = b.kind = Handback.REVOKED
+            return
+        task = trio.lowlevel.current_task()
+        self._lend(a, a_src, a_dst, task)
+        self._lend(b, b_src, b_dst, task)
+        a.partner = b
+        b.partner = a
+        await trio.lowlevel.wait_task_rescheduled(a.abort)
+
+    def _lend(self, d: Direction, src: int, dst: int, task: trio.lowlevel.Task) -> None:
         d.src = src
         d.dst = dst
         d.out = b""  # left over only by a cancelled lending, whose task has moved on
         d.sent = 0
-        d.task = trio.lowlevel.current_task()
-        self._lent.add(d)
+        d.kind = Handback.REVOKED
+        d.task = task
+        d.lender = self
+        self._lent += 1
         self._watch(src).reader = d
         self._update(src)
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._release(d)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        kind: Handback = await trio.lowlevel.wait_task_rescheduled(abort)
-        return kind
 
     def revoke(self, d: Direction) -> None:
         """Take ``d`` back now if it is lent: its task wakes up with :attr:`Handback.REVOKED`."""
@@ -300,8 +349,12 @@ class Reactor:
 
     def _release(self, d: Direction) -> None:
         """Stop watching anything for ``d`` (its pending bytes, if any, stay with it)."""
+        if d.task is None:
+            return
         d.task = None
-        self._lent.discard(d)
+        d.lender = None
+        d.partner = None
+        self._lent -= 1
         entry = self._entries.get(d.src)
         if entry is not None and entry.reader is d:
             entry.reader = None
@@ -312,10 +365,15 @@ class Reactor:
             self._update(d.dst)
 
     def _give_back(self, d: Direction, kind: Handback) -> None:
+        """Wake ``d``'s task with ``kind`` (a partner lent with it is revoked: one wake-up for both)."""
         task = d.task
         assert task is not None
+        partner = d.partner
+        d.kind = kind
         self._release(d)
-        trio.lowlevel.reschedule(task, outcome.Value(kind))
+        if partner is not None:
+            self._release(partner)
+        trio.lowlevel.reschedule(task)
 
     # -- the hot path ------------------------------------------------------------------------------
 
@@ -404,8 +462,10 @@ class Reactor:
                             write(d, d.out, d.sent)
         finally:
             self.closed = True
-            for d in list(self._lent):
-                self._give_back(d, Handback.REVOKED)
+            for entry in list(self._entries.values()):
+                d = entry.reader
+                if d is not None and d.task is not None:
+                    self._give_back(d, Handback.REVOKED)
             self._entries.clear()
             epoll.close()
 

@@ -2,13 +2,23 @@
 
 Theory of operation
 -------------------
-After both handshakes, a :class:`ClientSession` runs two pump tasks in a nursery it owns:
+A session relays two directions:
 
 * *up*: client stream -> :class:`FrameScanner` (masked frames) -> backend link stream;
 * *down*: backend link stream -> :class:`FrameScanner` (unmasked frames) -> client stream.
 
-A pump moves whole chunks: one ``receive_some`` may carry many frames and they leave with one ``send_all``.
-The scanners validate and delimit frames but never copy a chunk of complete frames (frames/_scanner doc).
+When both streams are plain sockets and a :class:`~atlas.proxy.reactor.Reactor` runs, the session's own
+task lends both directions to it (``relay_pair``) and sleeps: the reactor moves the bytes of every such
+session from one task, and an idle session costs one parked task. The first time the reactor gives a
+direction back (a Close frame, a protocol error, EOF, a broken destination, a transfer step or a failover
+taking it back) the session starts two pump tasks in a nursery it owns, which run the logic below with
+trio awaits and lend their direction again whenever plain relaying resumes. Streams the reactor cannot
+reach (memory streams, TLS, a backend's early bytes) are relayed by the pumps themselves; both paths
+scan with the same step (:meth:`~atlas.proxy.reactor.Direction.take`) and finish a chunk that needs the
+session with the same code.
+
+Either way whole chunks move: one read may carry many frames and they leave with one write. The scanners
+validate and delimit frames but never copy a chunk of complete frames (frames/_scanner doc).
 
 The closing handshake is relayed, not performed: a Close frame from one side is forwarded to the other and
 that pump stops; the other pump keeps relaying until the answering Close passes, then both streams close
@@ -16,8 +26,9 @@ that pump stops; the other pump keeps relaying until the answering Close passes,
 the protocol, a peer that vanished, a close requested from outside (drain, idle timeout, an operator), is
 recorded as the session's :class:`Ending` and the relay scope is cancelled; :meth:`ClientSession._finish`
 then sends Atlas's own Close frames where a frame boundary allows it, waits a bounded time for the
-answers, and closes both streams. A pump cancelled half-way through ``send_all`` marks that direction
-dirty: no frame is injected into a stream that may hold half a frame; that side is just disconnected.
+answers, and closes both streams. A pump cancelled half-way through ``send_all`` (or a direction the
+reactor wrote half a chunk of) is dirty: no frame is injected into a stream that may hold half a frame;
+that side is just disconnected.
 
 Failover
 --------
@@ -343,10 +354,7 @@ class ClientSession:
                     # Frame bytes the client sent right behind its upgrade request.
                     up_open = await self._forward_up(self._pending)
                 if self.ending is None:
-                    async with trio.open_nursery() as nursery:
-                        if up_open:
-                            nursery.start_soon(self._pump_up)
-                        nursery.start_soon(self._pump_down)
+                    await self._relay(up_open)
             if self.ending is None:
                 # The close-handshake deadline ran out.
                 self.ending = self._client_error or Ending(
@@ -389,10 +397,44 @@ class ClientSession:
     # sleeps until the reactor gives it back (see atlas.proxy.reactor). Both scan with Direction.take
     # and finish a chunk that needs the session with the same code (_after_up, _after_down).
 
-    async def _pump_up(self) -> None:
+    async def _relay(self, up_open: bool) -> None:
+        """Relay both directions until the session ends.
+
+        While nothing needs the session, both directions are lent to the reactor from this task (no pump
+        task at all: the common case costs one parked task); from the first handback on, by two pumps.
+        """
+        first_up: Handback | None = None
+        first_down: Handback | None = None
+        link = self.link
+        if up_open and self._lendable_down(link) and self.up.limit == NO_LIMIT and self._switching is None:
+            fds = self._reactor_fds(link)
+            if fds is not None:
+                assert self._reactor is not None
+                await self._reactor.relay_pair(self._up, fds[0], fds[1], self._down, fds[1], fds[0])
+                first_up, first_down = self._up.kind, self._down.kind
+        async with trio.open_nursery() as nursery:
+            if up_open:
+                nursery.start_soon(self._pump_up, link, first_up)
+            nursery.start_soon(self._pump_down, link, first_down)
+
+    def _lendable_down(self, link: BackendLink) -> bool:
+        return (
+            self._reactor is not None
+            and link.scanner.limit == NO_LIMIT
+            and link.stall_from is None
+            and self._client_error is None
+        )
+
+    async def _pump_up(self, first_link: BackendLink | None = None, first: Handback | None = None) -> None:
+        """Relay client to backend.
+
+        ``first``: what the reactor gave back of this direction, lent while ``first_link`` was current.
+        """
         receive = self.client_stream.receive_some
         scanner = self.up
         d = self._up
+        if first is not None and first_link is not None and not await self._up_handback(first_link, first):
+            return
         while True:
             if scanner.limit == NO_LIMIT and self._switching is None and self._reactor is not None:
                 fds = self._reactor_fds(self.link)
@@ -422,9 +464,12 @@ class ClientSession:
     async def _lend_up(self, fds: tuple[int, int]) -> bool:
         """Lend the up direction to the reactor; handle what it gives back. False: the direction is done."""
         assert self._reactor is not None
-        d = self._up
         link = self.link
-        kind = await self._reactor.relay(d, fds[0], fds[1])
+        return await self._up_handback(link, await self._reactor.relay(self._up, fds[0], fds[1]))
+
+    async def _up_handback(self, link: BackendLink, kind: Handback) -> bool:
+        """Act on what the reactor gave back of the up direction (lent while ``link`` was current)."""
+        d = self._up
         out, sent = d.out, d.sent
         d.out, d.sent = b"", 0
         if kind is Handback.EOF:
@@ -533,12 +578,16 @@ class ClientSession:
         self.up.discard_partial()
         return False
 
-    async def _pump_down(self) -> None:
-        """Relay backend to client over the current link; across failovers, over the next ones."""
+    async def _pump_down(self, first_link: BackendLink | None = None, first: Handback | None = None) -> None:
+        """Relay backend to client over the current link; across failovers, over the next ones.
+
+        ``first``: what the reactor gave back of ``first_link``'s down direction, if it had it.
+        """
         while True:
             link = self.link
             with link.scope:
-                await self._relay_down(link)
+                await self._relay_down(link, first if link is first_link else None)
+            first = None
             if self.link is not link:
                 continue  # a transfer switched the client to another link
             if not link.lost:
@@ -546,36 +595,33 @@ class ClientSession:
             if not await self._fail_over(link):
                 return
 
-    async def _relay_down(self, link: BackendLink) -> None:
+    async def _relay_down(self, link: BackendLink, first: Handback | None) -> None:
         receive = link.stream.receive_some
         scanner = link.scanner
         d = self._down
         d.scanner = scanner
         while True:
-            if scanner.messages >= scanner.limit and scanner.at_boundary:
-                # A transfer's cut: nothing more from this link until the hold is lifted (rollback)
-                # or the link is replaced (the scope is cancelled).
-                self._settled.set()
-                await self._lifted.wait()
-                if self.link is not link:
-                    return  # replaced: what this link still holds goes nowhere
-                out = scanner.feed(b"")
-                if out:
-                    d.dirty = True
-                    await self.client_stream.send_all(out)
-                    d.dirty = False
-                continue
-            fds = None
-            if (
-                scanner.limit == NO_LIMIT
-                and link.stall_from is None
-                and self._client_error is None
-                and self._reactor is not None
-            ):
-                fds = self._reactor_fds(link)
-            if fds is not None:
-                assert self._reactor is not None
-                kind = await self._reactor.relay(d, fds[1], fds[0])
+            if first is None:
+                if scanner.messages >= scanner.limit and scanner.at_boundary:
+                    # A transfer's cut: nothing more from this link until the hold is lifted (rollback)
+                    # or the link is replaced (the scope is cancelled).
+                    self._settled.set()
+                    await self._lifted.wait()
+                    if self.link is not link:
+                        return  # replaced: what this link still holds goes nowhere
+                    out = scanner.feed(b"")
+                    if out:
+                        d.dirty = True
+                        await self.client_stream.send_all(out)
+                        d.dirty = False
+                    continue
+                fds = self._reactor_fds(link) if self._lendable_down(link) else None
+                if fds is not None:
+                    assert self._reactor is not None
+                    first = await self._reactor.relay(d, fds[1], fds[0])
+            if first is not None:
+                # The reactor had this direction and gave it back.
+                kind, first = first, None
                 out, sent = d.out, d.sent
                 d.out, d.sent = b"", 0
                 if kind is Handback.REVOKED:
