@@ -21,6 +21,7 @@ the ``shutdown`` event makes the listener stop accepting and close its clients w
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -151,8 +152,23 @@ async def run_until_signalled(config: Config) -> None:
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             nursery.start_soon(_watch_signals, signals, shutdown, nursery.cancel_scope)
-            await serve_atlas(config, shutdown=shutdown)
-            nursery.cancel_scope.cancel()
+            await nursery.start(_serve_then_stop, config, shutdown, nursery.cancel_scope)
+            # Everything loaded at start-up lives as long as the process: keep it out of the garbage
+            # collector's full passes, which otherwise walk it again and again under load.
+            gc.freeze()
+            await trio.sleep_forever()
+
+
+async def _serve_then_stop(
+    config: Config,
+    shutdown: trio.Event,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[AtlasStarted] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve Atlas; once it has drained and returned, cancel ``scope`` (the signal watcher's)."""
+    await serve_atlas(config, shutdown=shutdown, task_status=task_status)
+    scope.cancel()
 
 
 async def _watch_signals(signals: AsyncIterator[int], shutdown: trio.Event, scope: trio.CancelScope) -> None:

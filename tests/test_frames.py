@@ -765,3 +765,17 @@ def test_wsproto_close_frames_are_recognised_by_the_scanner() -> None:
     assert scanner.state is ScanState.CLOSED
     assert (scanner.close_code, scanner.close_reason) == (1001, "going")
     assert scanner.messages == 1
+
+
+@given(st.binary(max_size=125) | st.text(max_size=40).map(lambda t: t.encode("utf-8")[:125]))
+def test_small_masked_text_is_validated_like_a_decoder_would(payload: bytes) -> None:
+    """The ASCII shortcut for small masked text frames agrees with a plain UTF-8 decode."""
+    scanner = FrameScanner(masked=True, max_message_size=1 << 20)
+    scanner.feed(build_frame(OP_TEXT, payload, mask=True))
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        assert scanner.state is ScanState.FAILED
+    else:
+        assert scanner.state is ScanState.OPEN
+        assert scanner.messages == 1

@@ -193,6 +193,24 @@ def parse_close(payload: bytes) -> tuple[int, str]:
 
 
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+# For a masked payload of n < 126 bytes: the high bit of every byte, and the 4-byte key's high bits repeated.
+_HIGH_BITS: Final = tuple(int.from_bytes(b"\x80" * n, "little") for n in range(126))
+_KEY_REPEAT: Final = tuple(sum(1 << (32 * i) for i in range((n + 3) // 4)) for n in range(126))
+
+
+def _masked_ascii(view: bytes | bytearray, start: int, end: int) -> bool:
+    """Whether the masked payload ``view[start:end]`` (key just before it, < 126 bytes) unmasks to ASCII.
+
+    A byte unmasks to ASCII when its high bit equals its key byte's: compared for all bytes at once with
+    two integers, without building the unmasked payload (most game messages are ASCII JSON).
+    """
+    n = end - start
+    high = _HIGH_BITS[n]
+    key = int.from_bytes(view[start - 4 : start], "little") * _KEY_REPEAT[n]
+    return (int.from_bytes(view[start:end], "little") & high) == (key & high)
+
+
 NO_LIMIT: Final = 1 << 62
 """``FrameScanner.limit`` when nothing is held."""
 
@@ -501,10 +519,13 @@ class FrameScanner:
             payload: bytes | bytearray | None = None
             if text and self._validate_utf8:
                 start = pos + header
-                payload = (
-                    unmask(view[start:end], bytes(view[start - 4 : start])) if masked else view[start:end]
-                )
-                self._check_text(payload, bool(fin), opcode == OP_CONTINUATION)
+                if not (
+                    masked and length < 126 and fin and opcode == OP_TEXT and _masked_ascii(view, start, end)
+                ):
+                    payload = (
+                        unmask(view[start:end], bytes(view[start - 4 : start])) if masked else view[start:end]
+                    )
+                    self._check_text(payload, bool(fin), opcode == OP_CONTINUATION)
             tap = self._tap
             if tap is not None and fin and opcode and self._tap_filter.wants(opcode, length):
                 # Skimmed: the payload, unmasked (once, shared with the UTF-8 check), to the tap.

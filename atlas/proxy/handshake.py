@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import ipaddress
+import socket
 import ssl
 from collections.abc import Sequence
 
@@ -264,7 +267,7 @@ async def open_backend(
     caller bounds the whole call with its connect timeout. The stream is closed on any failure.
     """
     try:
-        tcp = await trio.open_tcp_stream(host, port)
+        tcp = await _connect(host, port)
     except OSError as exc:
         raise HandshakeError(502, f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
     stream: trio.abc.Stream = tcp
@@ -282,6 +285,34 @@ async def open_backend(
         await trio.aclose_forcefully(stream)
         raise
     return result
+
+
+@functools.lru_cache(maxsize=256)
+def _numeric_family(host: str) -> int | None:
+    """The address family of a numeric ``host``; None for a name."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
+
+
+async def _connect(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to ``host``; a numeric address is connected to directly.
+
+    ``trio.open_tcp_stream`` resolves names and races the addresses (happy eyeballs) in a nursery of its
+    own: worth it for a name, pure overhead for an IP address, and backends are mostly given as one.
+    """
+    family = _numeric_family(host)
+    if family is None:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 async def _client_handshake(

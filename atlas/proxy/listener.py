@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 :func:`serve_proxy` opens the listening sockets and runs the *listener nursery*: the accept loops (in a
 cancel scope of their own, so accepting can stop while sessions carry on), one task per connected client,
-and the idle sweeper. Each client task runs :func:`handle_client`:
+and the idle sweeper, and the reactor that relays the plain-socket sessions (atlas.proxy.reactor). Each client
+task runs :func:`handle_client`:
 
 1. read the client's upgrade request (h11), within ``handshake_timeout``;
 2. pick a backend with the pool's balancer and open Atlas's own WebSocket to it, trying up to
@@ -40,6 +41,7 @@ from atlas.proxy.handshake import (
     receive_upgrade,
     reject_response,
 )
+from atlas.proxy.reactor import PrependedStream, Reactor, serve_reactor
 from atlas.proxy.session import BackendLink, ClientSession, Ending
 from atlas.proxy.tap import SkimTaps
 from atlas.world import Vec3
@@ -288,39 +290,17 @@ async def _handshake_backend(
     stream: trio.abc.Stream = shake.stream
     if shake.trailing:
         # The backend spoke first, right behind its 101: keep those frames for the relay.
-        stream = _Prepended(shake.stream, shake.trailing)
+        stream = PrependedStream(shake.stream, shake.trailing)
     return BackendLink(backend=backend, stream=stream, scanner=scanner, subprotocol=shake.subprotocol)
 
 
-class _Prepended(trio.abc.Stream):
-    """A stream that first yields some already-received bytes, then reads its inner stream."""
+async def handle_client(
+    runtime: Runtime, stream: trio.SocketStream, taps: SkimTaps | None = None, reactor: Reactor | None = None
+) -> None:
+    """Serve one accepted connection from its upgrade request to its last byte.
 
-    def __init__(self, inner: trio.abc.Stream, head: bytes) -> None:
-        self._inner = inner
-        self._head = head
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._head:
-            head, self._head = self._head, b""
-            await trio.lowlevel.checkpoint()
-            return head
-        return await self._inner.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self._inner.send_eof()  # type: ignore[attr-defined]
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
-async def handle_client(runtime: Runtime, stream: trio.SocketStream, taps: SkimTaps | None = None) -> None:
-    """Serve one accepted connection from its upgrade request to its last byte."""
+    With a ``reactor``, the session lends its plain-socket directions to it (atlas.proxy.reactor).
+    """
     taps = taps if taps is not None else SkimTaps(runtime)
     clients = runtime.clients
     client_ip, peer = _peer(stream)
@@ -346,6 +326,7 @@ async def handle_client(runtime: Runtime, stream: trio.SocketStream, taps: SkimT
         validate_utf8=config.validate_utf8,
         close_timeout=config.close_timeout,
         pending=pending,
+        reactor=reactor,
     )
     clients.add(session)
     taps.attach(session)
@@ -488,13 +469,14 @@ async def serve_proxy(
 
     async def guarded(stream: trio.SocketStream) -> None:
         try:
-            await handle_client(runtime, stream, taps)
+            await handle_client(runtime, stream, taps, reactor)
         except Exception:
             # One client's bug must never take the listener down.
             log.exception("unexpected error in a client session")
             await trio.aclose_forcefully(stream)
 
     async with trio.open_nursery() as listener_nursery:
+        reactor: Reactor = await listener_nursery.start(serve_reactor)
         accept_scope = trio.CancelScope()
 
         async def accept_loops() -> None:

@@ -2,13 +2,23 @@
 
 Theory of operation
 -------------------
-After both handshakes, a :class:`ClientSession` runs two pump tasks in a nursery it owns:
+A session relays two directions:
 
 * *up*: client stream -> :class:`FrameScanner` (masked frames) -> backend link stream;
 * *down*: backend link stream -> :class:`FrameScanner` (unmasked frames) -> client stream.
 
-A pump moves whole chunks: one ``receive_some`` may carry many frames and they leave with one ``send_all``.
-The scanners validate and delimit frames but never copy a chunk of complete frames (frames/_scanner doc).
+When both streams are plain sockets and a :class:`~atlas.proxy.reactor.Reactor` runs, the session's own
+task lends both directions to it (``relay_pair``) and sleeps: the reactor moves the bytes of every such
+session from one task, and an idle session costs one parked task. The first time the reactor gives a
+direction back (a Close frame, a protocol error, EOF, a broken destination, a transfer step or a failover
+taking it back) the session starts two pump tasks in a nursery it owns, which run the logic below with
+trio awaits and lend their direction again whenever plain relaying resumes. Streams the reactor cannot
+reach (memory streams, TLS, a backend's early bytes) are relayed by the pumps themselves; both paths
+scan with the same step (:meth:`~atlas.proxy.reactor.Direction.take`) and finish a chunk that needs the
+session with the same code.
+
+Either way whole chunks move: one read may carry many frames and they leave with one write. The scanners
+validate and delimit frames but never copy a chunk of complete frames (frames/_scanner doc).
 
 The closing handshake is relayed, not performed: a Close frame from one side is forwarded to the other and
 that pump stops; the other pump keeps relaying until the answering Close passes, then both streams close
@@ -16,8 +26,9 @@ that pump stops; the other pump keeps relaying until the answering Close passes,
 the protocol, a peer that vanished, a close requested from outside (drain, idle timeout, an operator), is
 recorded as the session's :class:`Ending` and the relay scope is cancelled; :meth:`ClientSession._finish`
 then sends Atlas's own Close frames where a frame boundary allows it, waits a bounded time for the
-answers, and closes both streams. A pump cancelled half-way through ``send_all`` marks that direction
-dirty: no frame is injected into a stream that may hold half a frame; that side is just disconnected.
+answers, and closes both streams. A pump cancelled half-way through ``send_all`` (or a direction the
+reactor wrote half a chunk of) is dirty: no frame is injected into a stream that may hold half a frame;
+that side is just disconnected.
 
 Failover
 --------
@@ -50,6 +61,7 @@ import trio
 
 from atlas.errors import HandshakeError
 from atlas.proxy.frames import NO_LIMIT, OP_TEXT, CloseCode, FrameScanner, ScanState, build_close, build_frame
+from atlas.proxy.reactor import Direction, Handback, Reactor, socket_fd
 
 if TYPE_CHECKING:
     from atlas.config import FailoverConfig
@@ -156,6 +168,7 @@ class ClientSession:
         validate_utf8: bool,
         close_timeout: float,
         pending: bytes = b"",
+        reactor: Reactor | None = None,
     ) -> None:
         self.client_id = client_id
         self.peer = peer
@@ -181,13 +194,14 @@ class ClientSession:
         #: tap hooks its scanner there.
         self.on_link: Callable[[BackendLink], None] | None = None
         self.up = FrameScanner(masked=True, max_message_size=max_message_size, validate_utf8=validate_utf8)
-        self.bytes_up = 0
-        self.bytes_down = 0
+        # The two directions: what the pumps (or the reactor, when they lend a direction to it) relay.
+        self._up = Direction(self.up)
+        self._down = Direction(link.scanner)
+        self._reactor = reactor
+        self._client_fd = socket_fd(client_stream) if reactor is not None else None
         self.ending: Ending | None = None
         self._pending = pending
         self._relay_scope = trio.CancelScope()
-        self._up_dirty = False
-        self._down_dirty = False
         # Whether a Close frame (relayed, or Atlas's own) has gone out to each side.
         self._closed_to_backend = False
         self._closed_to_client = False
@@ -205,6 +219,24 @@ class ClientSession:
     def messages_down(self) -> int:
         """Complete messages relayed to the client."""
         return self._down_before + self.link.scanner.messages
+
+    @property
+    def bytes_up(self) -> int:
+        """Bytes received from the client."""
+        return self._up.nbytes
+
+    @bytes_up.setter
+    def bytes_up(self, value: int) -> None:
+        self._up.nbytes = value
+
+    @property
+    def bytes_down(self) -> int:
+        """Bytes received from backends."""
+        return self._down.nbytes
+
+    @bytes_down.setter
+    def bytes_down(self, value: int) -> None:
+        self._down.nbytes = value
 
     def activity(self) -> int:
         """A number that changes whenever bytes move either way (the idle sweeper compares it)."""
@@ -241,7 +273,8 @@ class ClientSession:
         """
         self._arm()
         self.up.hold_at_boundary()
-        while not (self.up.held and not self._up_dirty):
+        self._revoke(self._up)
+        while not (self.up.held and not self._up.dirty):
             await self._settled.wait()
             self._settled = trio.Event()
         return self.up.messages - self.link.up_base
@@ -253,7 +286,8 @@ class ClientSession:
             scanner.hold_at_boundary()
         else:
             scanner.hold_after(sent)
-        while not (scanner.held and not self._down_dirty):
+        self._revoke(self._down)
+        while not (scanner.held and not self._down.dirty):
             await self._settled.wait()
             self._settled = trio.Event()
 
@@ -273,6 +307,7 @@ class ClientSession:
         return old
 
     def _install(self, link: BackendLink) -> None:
+        self._revoke(self._up)
         self.link = link
         if self.on_link is not None:
             self.on_link(link)
@@ -316,6 +351,7 @@ class ClientSession:
             link.lost = True
             if self._switching is None:
                 self._switching = trio.Event()
+            self._revoke(self._up)
             link.scope.cancel()
 
     def _end(self, ending: Ending) -> None:
@@ -332,10 +368,7 @@ class ClientSession:
                     # Frame bytes the client sent right behind its upgrade request.
                     up_open = await self._forward_up(self._pending)
                 if self.ending is None:
-                    async with trio.open_nursery() as nursery:
-                        if up_open:
-                            nursery.start_soon(self._pump_up)
-                        nursery.start_soon(self._pump_down)
+                    await self._relay(up_open)
             if self.ending is None:
                 # The close-handshake deadline ran out.
                 self.ending = self._client_error or Ending(
@@ -343,6 +376,8 @@ class ClientSession:
                 )
             await self._finish(self.ending)
         finally:
+            if self._reactor is not None:
+                self._reactor.forget(self._client_fd, (self._up, self._down))
             await trio.aclose_forcefully(self.client_stream)
             await self._close_link(self.link)
         return self.ending
@@ -351,15 +386,76 @@ class ClientSession:
         if not link.closed:
             link.closed = True
             link.scope.cancel()
+            if self._reactor is not None:
+                self._reactor.forget(socket_fd(link.stream), (self._up, self._down))
             await trio.aclose_forcefully(link.stream)
             self.provider.link_closed(link)
 
-    # -- the pumps ---------------------------------------------------------------------------------
+    # -- lending directions to the reactor ---------------------------------------------------------
 
-    async def _pump_up(self) -> None:
+    def _revoke(self, d: Direction) -> None:
+        if self._reactor is not None:
+            self._reactor.revoke(d)
+
+    def _reactor_fds(self, link: BackendLink) -> tuple[int, int] | None:
+        """``(client fd, link fd)`` when both directions of ``link`` may be lent to the reactor."""
+        reactor = self._reactor
+        if reactor is None or self._client_fd is None or not reactor.running:
+            return None
+        fd = socket_fd(link.stream)
+        return None if fd is None else (self._client_fd, fd)
+
+    # -- the pumps ---------------------------------------------------------------------------------
+    #
+    # Each pump either relays one chunk itself (task mode) or lends its direction to the reactor and
+    # sleeps until the reactor gives it back (see atlas.proxy.reactor). Both scan with Direction.take
+    # and finish a chunk that needs the session with the same code (_after_up, _after_down).
+
+    async def _relay(self, up_open: bool) -> None:
+        """Relay both directions until the session ends.
+
+        While nothing needs the session, both directions are lent to the reactor from this task (no pump
+        task at all: the common case costs one parked task); from the first handback on, by two pumps.
+        """
+        first_up: Handback | None = None
+        first_down: Handback | None = None
+        link = self.link
+        if up_open and self._lendable_down(link) and self.up.limit == NO_LIMIT and self._switching is None:
+            fds = self._reactor_fds(link)
+            if fds is not None:
+                assert self._reactor is not None
+                await self._reactor.relay_pair(self._up, fds[0], fds[1], self._down, fds[1], fds[0])
+                first_up, first_down = self._up.kind, self._down.kind
+        async with trio.open_nursery() as nursery:
+            if up_open:
+                nursery.start_soon(self._pump_up, link, first_up)
+            nursery.start_soon(self._pump_down, link, first_down)
+
+    def _lendable_down(self, link: BackendLink) -> bool:
+        return (
+            self._reactor is not None
+            and link.scanner.limit == NO_LIMIT
+            and link.stall_from is None
+            and self._client_error is None
+        )
+
+    async def _pump_up(self, first_link: BackendLink | None = None, first: Handback | None = None) -> None:
+        """Relay client to backend.
+
+        ``first``: what the reactor gave back of this direction, lent while ``first_link`` was current.
+        """
         receive = self.client_stream.receive_some
         scanner = self.up
+        d = self._up
+        if first is not None and first_link is not None and not await self._up_handback(first_link, first):
+            return
         while True:
+            if scanner.limit == NO_LIMIT and self._switching is None and self._reactor is not None:
+                fds = self._reactor_fds(self.link)
+                if fds is not None:
+                    if not await self._lend_up(fds):
+                        return
+                    continue
             try:
                 if scanner.messages >= scanner.limit:
                     data = await self._receive_held()
@@ -376,8 +472,32 @@ class ClientSession:
             if not data:
                 self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
                 return
-            if not await self._forward_up(data):
+            if not await self._after_up(d.take(data), d.whole):
                 return
+
+    async def _lend_up(self, fds: tuple[int, int]) -> bool:
+        """Lend the up direction to the reactor; handle what it gives back. False: the direction is done."""
+        assert self._reactor is not None
+        link = self.link
+        return await self._up_handback(link, await self._reactor.relay(self._up, fds[0], fds[1]))
+
+    async def _up_handback(self, link: BackendLink, kind: Handback) -> bool:
+        """Act on what the reactor gave back of the up direction (lent while ``link`` was current)."""
+        d = self._up
+        out, sent = d.out, d.sent
+        d.out, d.sent = b"", 0
+        if kind is Handback.EOF:
+            self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
+            return False
+        if kind is Handback.FED:
+            return await self._after_up(out, d.whole)
+        if out:
+            # A chunk was under way to ``link`` when the reactor stopped.
+            if kind is Handback.REVOKED and link is self.link and not link.lost:
+                await self._send_up(out, d.whole, sent)
+            elif self._up_failed(link, d.whole):
+                await self._send_up(out, True)
+        return await self._after_up(b"", True)
 
     async def _receive_held(self) -> bytes | bytearray | None:
         """Read the client while its messages are held; None once the hold is lifted.
@@ -398,12 +518,18 @@ class ClientSession:
 
     async def _forward_up(self, data: bytes | bytearray) -> bool:
         """Scan and forward client bytes; return False once the up direction is finished."""
-        self.bytes_up += len(data)
+        out = self._up.take(data)
+        return await self._after_up(out, self._up.whole)
+
+    async def _after_up(self, out: bytes | bytearray, whole: bool) -> bool:
+        """Forward a scanned chunk of client bytes and act on where the scanner stopped.
+
+        ``whole``: ``out`` starts and ends at message boundaries. Returns False once the up direction
+        is finished.
+        """
         scanner = self.up
-        whole = scanner.at_boundary
-        out = scanner.feed(data)
         if out:
-            await self._send_up(out, whole and scanner.at_boundary)
+            await self._send_up(out, whole)
         if scanner.messages >= scanner.limit and scanner.at_boundary:
             self._settled.set()
         if not scanner.state:
@@ -429,37 +555,53 @@ class ClientSession:
             self._end(error)
         return False
 
-    async def _send_up(self, out: bytes | bytearray, whole_messages: bool) -> None:
+    async def _send_up(self, out: bytes | bytearray, whole_messages: bool, sent: int = 0) -> None:
         """Send client bytes to the current backend link, or across a failover to the next one.
 
         ``whole_messages``: ``out`` starts and ends at message boundaries, so if the link fails under it,
-        it can be sent again to the new backend (the dead one processed none of it).
+        it can be sent again to the new backend (the dead one processed none of it). ``sent``: how much
+        of ``out`` already went to the current link.
         """
+        d = self._up
         while True:
             if self._switching is not None:
                 await self._switching.wait()
             link = self.link
-            self._up_dirty = True
+            d.dirty = True
             try:
-                await link.stream.send_all(out)
+                await link.stream.send_all(memoryview(out)[sent:] if sent else out)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._up_dirty = False
-                link.abnormal = True
-                self._lose(link)
-                if whole_messages:
+                d.dirty = False
+                if self._up_failed(link, whole_messages):
+                    sent = 0
                     continue
-                # Part of a message went to the dead backend: the rest of it cannot follow elsewhere.
-                self.up.discard_partial()
                 return
-            self._up_dirty = False
+            d.dirty = False
             return
 
-    async def _pump_down(self) -> None:
-        """Relay backend to client over the current link; across failovers, over the next ones."""
+    def _up_failed(self, link: BackendLink, whole_messages: bool) -> bool:
+        """``link`` failed under a chunk of client bytes: lose it; return whether to send it again.
+
+        Part of a message went to the dead backend unless the chunk held whole messages: the rest of it
+        cannot follow elsewhere.
+        """
+        link.abnormal = True
+        self._lose(link)
+        if whole_messages:
+            return True
+        self.up.discard_partial()
+        return False
+
+    async def _pump_down(self, first_link: BackendLink | None = None, first: Handback | None = None) -> None:
+        """Relay backend to client over the current link; across failovers, over the next ones.
+
+        ``first``: what the reactor gave back of ``first_link``'s down direction, if it had it.
+        """
         while True:
             link = self.link
             with link.scope:
-                await self._relay_down(link)
+                await self._relay_down(link, first if link is first_link else None)
+            first = None
             if self.link is not link:
                 continue  # a transfer switched the client to another link
             if not link.lost:
@@ -467,62 +609,100 @@ class ClientSession:
             if not await self._fail_over(link):
                 return
 
-    async def _relay_down(self, link: BackendLink) -> None:
+    async def _relay_down(self, link: BackendLink, first: Handback | None) -> None:
         receive = link.stream.receive_some
         scanner = link.scanner
-        send_all = self.client_stream.send_all
-        stall_from = link.stall_from
+        d = self._down
+        d.scanner = scanner
         while True:
-            if scanner.messages >= scanner.limit and scanner.at_boundary:
-                # A transfer's cut: nothing more from this link until the hold is lifted (rollback)
-                # or the link is replaced (the scope is cancelled).
-                self._settled.set()
-                await self._lifted.wait()
-                if self.link is not link:
-                    return  # replaced: what this link still holds goes nowhere
-                out = scanner.feed(b"")
-                if out:
-                    self._down_dirty = True
-                    await send_all(out)
-                    self._down_dirty = False
-                continue
-            try:
-                data = await receive(_RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                # The backend vanished without a Close frame: fail over (or end, if that is off).
-                link.abnormal = True
-                self._lose(link)
-                return
-            self.bytes_down += len(data)
-            out = scanner.feed(data)
-            if self._client_error is not None and scanner.state is ScanState.CLOSED:
-                # The backend answered our Close: forward what came before it, then fail the client.
-                out = out[: len(out) - scanner.close_frame_size]
-            if out:
-                self._down_dirty = True
-                try:
-                    await send_all(out)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if first is None:
+                if scanner.messages >= scanner.limit and scanner.at_boundary:
+                    # A transfer's cut: nothing more from this link until the hold is lifted (rollback)
+                    # or the link is replaced (the scope is cancelled).
+                    self._settled.set()
+                    await self._lifted.wait()
+                    if self.link is not link:
+                        return  # replaced: what this link still holds goes nowhere
+                    out = scanner.feed(b"")
+                    if out:
+                        d.dirty = True
+                        await self.client_stream.send_all(out)
+                        d.dirty = False
+                    continue
+                fds = self._reactor_fds(link) if self._lendable_down(link) else None
+                if fds is not None:
+                    assert self._reactor is not None
+                    first = await self._reactor.relay(d, fds[1], fds[0])
+            if first is not None:
+                # The reactor had this direction and gave it back.
+                kind, first = first, None
+                out, sent = d.out, d.sent
+                d.out, d.sent = b"", 0
+                if kind is Handback.REVOKED:
+                    if out and not await self._send_down(memoryview(out)[sent:] if sent else out):
+                        return
+                    continue
+                if kind is Handback.SEND_FAILED:
                     self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
                     return
-                self._down_dirty = False
-                if stall_from is not None:
-                    self.last_stall = stall = trio.current_time() - stall_from
-                    stall_from = link.stall_from = None
-                    if link.on_first_message is not None:
-                        link.on_first_message(stall)
-            if scanner.state:
-                if self._client_error is not None:
-                    self._end(self._client_error)
-                elif scanner.state is ScanState.CLOSED:
-                    self._closed_to_client = True
-                    self._close_relayed()
-                else:
-                    assert scanner.error is not None
-                    self._end(Ending(EndKind.BACKEND_ERROR, scanner.error.code, scanner.error.reason))
+                if kind is Handback.EOF:
+                    link.abnormal = True
+                    self._lose(link)
+                    return
+            else:
+                try:
+                    data = await receive(_RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if not data:
+                    # The backend vanished without a Close frame: fail over (or end, if that is off).
+                    link.abnormal = True
+                    self._lose(link)
+                    return
+                out = d.take(data)
+            if not await self._after_down(link, out):
                 return
+
+    async def _after_down(self, link: BackendLink, out: bytes | bytearray) -> bool:
+        """Forward a scanned chunk of backend bytes and act on where the scanner stopped.
+
+        Returns False once this link's down direction is finished.
+        """
+        scanner = link.scanner
+        if self._client_error is not None and scanner.state is ScanState.CLOSED:
+            # The backend answered our Close: forward what came before it, then fail the client.
+            out = out[: len(out) - scanner.close_frame_size]
+        if out:
+            if not await self._send_down(out):
+                return False
+            if link.stall_from is not None:
+                self.last_stall = stall = trio.current_time() - link.stall_from
+                link.stall_from = None
+                if link.on_first_message is not None:
+                    link.on_first_message(stall)
+        if scanner.state:
+            if self._client_error is not None:
+                self._end(self._client_error)
+            elif scanner.state is ScanState.CLOSED:
+                self._closed_to_client = True
+                self._close_relayed()
+            else:
+                assert scanner.error is not None
+                self._end(Ending(EndKind.BACKEND_ERROR, scanner.error.code, scanner.error.reason))
+            return False
+        return True
+
+    async def _send_down(self, out: bytes | bytearray | memoryview) -> bool:
+        """Send backend bytes to the client; False (and the session ends) if the client is gone."""
+        d = self._down
+        d.dirty = True
+        try:
+            await self.client_stream.send_all(out)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
+            return False
+        d.dirty = False
+        return True
 
     async def _fail_over(self, old: BackendLink) -> bool:
         """Move the client off the lost link ``old``; return False if the session ended instead."""
@@ -532,7 +712,7 @@ class ClientSession:
             if not self.failover.enabled or self._closed_to_backend or self._closed_to_client:
                 self._end(Ending(EndKind.BACKEND_GONE, CloseCode.INTERNAL_ERROR, "backend went away"))
                 return False
-            if self._down_dirty or not old.scanner.at_boundary:
+            if self._down.dirty or not old.scanner.at_boundary:
                 # The client holds part of a message from the dead backend: nothing can complete it.
                 self._end(Ending(EndKind.BACKEND_GONE, CloseCode.INTERNAL_ERROR, "backend went away"))
                 return False
@@ -548,9 +728,9 @@ class ClientSession:
             self.failovers += 1
             if self.failover.notice:
                 notice = build_frame(OP_TEXT, self.failover.notice.encode("utf-8"), mask=False)
-                self._down_dirty = True
+                self._down.dirty = True
                 await self.client_stream.send_all(notice)
-                self._down_dirty = False
+                self._down.dirty = False
             return True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
@@ -602,12 +782,12 @@ class ClientSession:
             if to_client and not self._closed_to_client:
                 wait_client = await self._send_close(
                     self.client_stream,
-                    not self._down_dirty and self.link.scanner.at_frame_boundary,
+                    not self._down.dirty and self.link.scanner.at_frame_boundary,
                     to_client,
                     mask=False,
                 )
             if to_backend and not self._closed_to_backend:
-                at_boundary = not self._up_dirty and self.up.at_frame_boundary
+                at_boundary = not self._up.dirty and self.up.at_frame_boundary
                 await self._send_close(self.link.stream, at_boundary, to_backend, mask=True)
             if wait_client and self.up.state is ScanState.OPEN:
                 await self._await_close(self.client_stream, self.up)
