@@ -9,15 +9,19 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
+import msgspec
 import pytest
 import trio
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from atlas.control import regions
+from atlas.control.regions import RegionService
 from atlas.errors import ConfigError
 from atlas.skim import (
     EVENT_KINDS,
@@ -44,6 +48,7 @@ from atlas.skim import (
     parse_event,
     parse_movement,
 )
+from atlas.world import Box, CancelPrepare, Predictor, PredictorSettings, Prepare, Transfer, Vec3, WorldMap
 
 
 def frame(
@@ -591,6 +596,65 @@ def test_not_game_events(payload: bytes) -> None:
     assert parse_event(payload) is None
 
 
+def _event_alone(payload: bytes) -> tuple[str, dict[str, Any]] | None:
+    """`parse_event` with no decode of the movement parser to share (another payload was decoded last)."""
+    parse_movement(b'{"type":"other"}')
+    return parse_event(payload)
+
+
+def _event_after_movement(payload: bytes) -> tuple[str, dict[str, Any]] | None:
+    """`parse_event` right after the movement parser decoded the same payload, as the analyzers do."""
+    parse_movement(payload)
+    return parse_event(payload)
+
+
+SHARED_DECODE_CASES = [
+    encode({"type": "join", "room": "lobby"}),
+    encode({"type": "chat", "x": "1", "y": 2}),  # not the movement parser's shape
+    encode({"action": "leave", "pos": [1, 2, 3, 4]}),
+    encode({"client": "chat", "namespace": 7, "data": [1]}),
+    encode({"type": "move", "x": 1, "y": 2}),
+    b'{"type":"error","z":1e999}',
+    b'{"type":"chat","event":"\\ud800"}',
+    b'{"type":"chat"',
+    b"\xff",
+]
+
+
+@pytest.mark.parametrize("payload", SHARED_DECODE_CASES)
+def test_parse_event_reads_the_shared_decode_the_same(payload: bytes) -> None:
+    assert _event_after_movement(payload) == _event_alone(payload)
+
+
+@given(value=json_values)
+def test_parse_event_reads_the_shared_decode_the_same_on_random_json(value: object) -> None:
+    payload = encode(value)
+    assert _event_after_movement(payload) == _event_alone(payload)
+
+
+@given(
+    value=st.dictionaries(
+        st.sampled_from(["type", "action", "client", "namespace", "event", "x", "y", "pos", "data"]),
+        json_values | st.sampled_from(["join", "leave", "chat", "error", "connect"]),
+    )
+)
+def test_parse_event_reads_the_shared_decode_the_same_on_random_messages(value: object) -> None:
+    payload = encode(value)
+    assert _event_after_movement(payload) == _event_alone(payload)
+
+
+def test_the_shared_decode_is_by_identity_and_only_of_bytes() -> None:
+    payload = bytearray(b'{"type":"move","x":1,"y":2}')
+    assert parse_movement(payload) == ((1.0, 2.0, 0.0), None)  # type: ignore[arg-type]
+    payload[9:13] = b"chat"  # the same object, another message: decoded again
+    assert parse_movement(payload) is None  # type: ignore[arg-type]
+    assert parse_event(bytes(payload)) == ("chat", {"type": "chat", "x": 1, "y": 2})
+    first, second = b'{"type":"move","x":1,"y":2}', b'{"type":"move","x":3,"y":4}'
+    assert parse_movement(first) == ((1.0, 2.0, 0.0), None)
+    assert parse_movement(second) == ((3.0, 4.0, 0.0), None)
+    assert parse_movement(first) == ((1.0, 2.0, 0.0), None)
+
+
 @pytest.fixture
 def skim_log() -> Iterator[list[logging.LogRecord]]:
     """Every record of the ``atlas.skim`` logger, at DEBUG (independent of other tests' logging setup)."""
@@ -776,6 +840,13 @@ def plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
                 async def run(self, frames, emit):
                     pass
 
+            class AsyncFeed(Counter):
+                async def feed(self, frame, emit):
+                    pass
+
+            class NotCallableFeed(Counter):
+                feed = 3
+
             NOT_CALLABLE = 3
             """
         )
@@ -803,6 +874,9 @@ def test_load_the_builtins() -> None:
 
 NOT_OF_THE_FORM = "is not of the form 'package.module:ClassName'"
 NO_ASYNC_RUN = "did not give an analyzer: it has no 'async def run(frames, emit)' method"
+NO_SYNC_FEED = (
+    "did not give an analyzer: its 'feed' is not a plain (synchronous) method 'def feed(frame, emit)'"
+)
 LOAD_ERRORS: list[tuple[str, dict[str, object], str]] = [
     ("x.y:Z", {}, "path: cannot import 'x.y:Z': No module named 'x'"),
     ("{p}.good", {}, f"path: '{{p}}.good' {NOT_OF_THE_FORM}"),
@@ -831,6 +905,8 @@ LOAD_ERRORS: list[tuple[str, dict[str, object], str]] = [
         {},
         "path: '{p}.good:NoName' did not give an analyzer: its 'name' is not a non-empty string",
     ),
+    ("{p}.good:AsyncFeed", {}, f"path: '{{p}}.good:AsyncFeed' {NO_SYNC_FEED}"),
+    ("{p}.good:NotCallableFeed", {}, f"path: '{{p}}.good:NotCallableFeed' {NO_SYNC_FEED}"),
     (
         "atlas.skim:MovementAnalyzer",
         {"paths": [{"positon": ["p"]}]},
@@ -874,6 +950,11 @@ def test_load_analyzers_reports_every_problem(plugins: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+# Tests that step the fan-out batch by batch with wait_all_tasks_blocked() hand each batch on at
+# once: with the default pause between batches, the next one would wait for the (real) clock.
+NOW = 0.0
+
+
 class Stuck:
     """An analyzer that never reads its channel."""
 
@@ -894,6 +975,22 @@ class Collect:
         async for each in frames:
             self.frames.append(each)
             emit(GameEvent(client_id=each.client_id, backend=each.backend, time=each.time, kind="seen"))
+
+
+class Feed(Collect):
+    """`Collect` with the synchronous fast path: the dispatcher calls ``feed`` and never starts ``run``."""
+
+    def __init__(self, name: str = "feed") -> None:
+        super().__init__(name)
+        self.ran = False
+
+    async def run(self, frames: trio.MemoryReceiveChannel[SkimFrame], emit: EventSink) -> None:
+        self.ran = True
+        await super().run(frames, emit)
+
+    def feed(self, frame: SkimFrame, emit: EventSink) -> None:
+        self.frames.append(frame)
+        emit(GameEvent(client_id=frame.client_id, backend=frame.backend, time=frame.time, kind="fed"))
 
 
 class Crash:
@@ -921,7 +1018,7 @@ def _analyzer(stats: DispatcherStatistics, name: str) -> Any:
 
 
 async def test_a_stuck_analyzer_never_blocks_the_relay_or_the_others(nursery: trio.Nursery) -> None:
-    dispatcher = Dispatcher(size=8, analyzer_buffer=4)
+    dispatcher = Dispatcher(size=8, analyzer_buffer=4, batch_interval=NOW)
     collect = Collect()
     await nursery.start(dispatcher.serve, [Stuck(), collect])
     # A "relay" offering one frame per checkpoint: the fan-out keeps up, the stuck analyzer's
@@ -940,24 +1037,106 @@ async def test_a_stuck_analyzer_never_blocks_the_relay_or_the_others(nursery: tr
     assert stats.events == 1000  # no sink: counted and discarded
 
 
-async def test_a_full_input_channel_drops_and_counts_without_waiting(nursery: trio.Nursery) -> None:
+async def test_a_full_input_queue_drops_and_counts_without_waiting(nursery: trio.Nursery) -> None:
     dispatcher = Dispatcher(size=4, analyzer_buffer=2)
-    collect = Collect()
-    await nursery.start(dispatcher.serve, [Stuck(), collect])
+    fed = Feed()
+    await nursery.start(dispatcher.serve, [Stuck(), fed])
     await trio.testing.wait_all_tasks_blocked()  # the fan-out waits for a frame
-    # A burst with no checkpoint in between (offer itself never is one): the first frame goes
-    # straight to the waiting fan-out, 4 fill the channel, the rest are dropped.
+    # A burst with no checkpoint in between (offer itself never is one): 4 fill the input queue
+    # (the first wakes the fan-out, which cannot run yet), the rest are dropped.
     results = [dispatcher.offer(frame(f"{i}")) for i in range(10)]
-    assert results == [True] * 5 + [False] * 5
+    assert results == [True] * 4 + [False] * 6
     stats = dispatcher.statistics()
-    assert (stats.offered, stats.dropped_input, stats.queued) == (10, 5, 4)
+    assert (stats.offered, stats.dropped_input, stats.delivered, stats.queued) == (10, 6, 0, 4)
     await trio.testing.wait_all_tasks_blocked()
     stats = dispatcher.statistics()
-    assert (stats.delivered, stats.queued) == (5, 0)
-    assert stats.dropped_per_analyzer == {"stuck": 3, "collect": 0}
-    assert len(collect.frames) == 5
+    assert (stats.delivered, stats.queued) == (4, 0)
+    assert stats.dropped_per_analyzer == {"stuck": 2, "feed": 0}
+    assert [f.payload for f in fed.frames] == [f"{i}".encode() for i in range(4)]
     # and it recovers: the next offer is taken again
     assert dispatcher.offer(frame("again"))
+
+
+async def test_the_fan_out_takes_a_burst_in_one_scheduling_round(nursery: trio.Nursery) -> None:
+    dispatcher = Dispatcher(size=100, analyzer_buffer=100)
+    fed, collect = Feed(), Collect()
+    await nursery.start(dispatcher.serve, [fed, collect])
+    await trio.testing.wait_all_tasks_blocked()
+    for i in range(50):
+        dispatcher.offer(frame(f"{i}"))
+    # The fan-out was woken once; one round later it has handed the whole burst on without a
+    # checkpoint per frame: fed all 50 to the feed analyzer, and queued them for the other.
+    await trio.lowlevel.checkpoint()
+    await trio.lowlevel.checkpoint()
+    assert len(fed.frames) == 50
+    stats = dispatcher.statistics()
+    assert (stats.delivered, stats.queued) == (50, 0)
+    assert _analyzer(stats, "collect").delivered == 50
+    await trio.testing.wait_all_tasks_blocked()
+    assert [f.payload for f in collect.frames] == [f.payload for f in fed.frames]
+
+
+async def test_a_feed_analyzer_is_called_instead_of_run(nursery: trio.Nursery) -> None:
+    events: list[SkimEvent] = []
+    dispatcher = Dispatcher(on_event=events.append)
+    fed = Feed()
+    await nursery.start(dispatcher.serve, [fed, Crash()])
+    for i in range(3):
+        dispatcher.offer(frame(str(i), time=float(i)))
+    await trio.testing.wait_all_tasks_blocked()
+    assert not fed.ran
+    assert [e.time for e in events] == [0.0, 1.0, 2.0]
+    assert {e.kind for e in events} == {"fed"}  # type: ignore[attr-defined]
+    feed_stats = _analyzer(dispatcher.statistics(), "feed")
+    assert (feed_stats.delivered, feed_stats.dropped, feed_stats.queued) == (3, 0, 0)
+    assert feed_stats.state is AnalyzerState.RUNNING
+
+
+class CrashFeed:
+    """A feed analyzer that fails on its second frame."""
+
+    name = "crash-feed"
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    async def run(self, frames: trio.MemoryReceiveChannel[SkimFrame], emit: EventSink) -> None:
+        raise AssertionError("run is not used when there is a feed")
+
+    def feed(self, frame: SkimFrame, emit: EventSink) -> None:
+        self.seen += 1
+        if self.seen == 2:
+            raise RuntimeError("analyzer bug")
+
+
+async def test_a_failing_feed_analyzer_stops_alone(
+    nursery: trio.Nursery, skim_log: list[logging.LogRecord]
+) -> None:
+    dispatcher = Dispatcher()
+    crash, fed = CrashFeed(), Feed()
+    await nursery.start(dispatcher.serve, [crash, fed])
+    for i in range(4):
+        dispatcher.offer(frame(str(i)))
+    await trio.testing.wait_all_tasks_blocked()
+    stats = dispatcher.statistics()
+    assert crash.seen == 2
+    assert (_analyzer(stats, "crash-feed").state, _analyzer(stats, "crash-feed").delivered) == (
+        AnalyzerState.FAILED,
+        2,
+    )
+    assert len(fed.frames) == 4  # the frame it failed on still reached the next analyzer
+    assert [r.getMessage() for r in skim_log if r.levelno == logging.ERROR] == [
+        "skim analyzer crash-feed failed; it gets no more frames"
+    ]
+
+
+async def test_an_async_feed_is_refused() -> None:
+    class AsyncFeed(Collect):
+        async def feed(self, frame: SkimFrame, emit: EventSink) -> None:
+            pass
+
+    with pytest.raises(ValueError, match="'collect': its 'feed' is not a plain"):
+        await Dispatcher().serve([AsyncFeed()])
 
 
 async def test_offer_never_checkpoints() -> None:
@@ -990,7 +1169,7 @@ async def test_frames_offered_before_serve_wait_in_the_input(nursery: trio.Nurse
 async def test_a_failing_analyzer_stops_alone(
     nursery: trio.Nursery, skim_log: list[logging.LogRecord]
 ) -> None:
-    dispatcher = Dispatcher()
+    dispatcher = Dispatcher(batch_interval=NOW)
     collect = Collect()
     await nursery.start(dispatcher.serve, [Crash(), collect, Quit()])
     for i in range(3):
@@ -1013,7 +1192,7 @@ async def test_events_reach_the_sink_and_never_block(
     nursery: trio.Nursery, skim_log: list[logging.LogRecord]
 ) -> None:
     send, receive = trio.open_memory_channel[SkimEvent](2)
-    dispatcher = Dispatcher(on_event=send.send_nowait)
+    dispatcher = Dispatcher(on_event=send.send_nowait, batch_interval=NOW)
     await nursery.start(dispatcher.serve, [Collect()])
     for i in range(5):
         dispatcher.offer(frame(str(i)))
@@ -1038,7 +1217,7 @@ async def test_events_reach_the_sink_and_never_block(
 
 
 async def test_subscribe_gets_only_its_clients_frames(nursery: trio.Nursery) -> None:
-    dispatcher = Dispatcher(tap_buffer=3)
+    dispatcher = Dispatcher(tap_buffer=3, batch_interval=NOW)
     await nursery.start(dispatcher.serve, [Stuck()])
     assert not dispatcher.is_tapped("c-1")
     with dispatcher.subscribe("c-1") as tap, dispatcher.subscribe("c-2", size=10) as other:
@@ -1108,9 +1287,55 @@ async def test_serve_checks_names_and_runs_once_at_a_time(nursery: trio.Nursery)
     assert len(collect.frames) == 1
 
 
+async def test_the_fan_out_pauses_between_batches_while_frames_keep_coming(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    dispatcher = Dispatcher()
+    assert dispatcher.batch_interval == 0.002
+    fed = Feed()
+    await nursery.start(dispatcher.serve, [fed])
+    await trio.testing.wait_all_tasks_blocked()
+    dispatcher.offer(frame("0"))  # the first frame after a quiet spell goes at once
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(fed.frames) == 1
+    start = trio.current_time()
+    dispatcher.offer(frame("1"))  # within the pause: they wait for it to end, and go together
+    dispatcher.offer(frame("2"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(fed.frames) == 1
+    assert dispatcher.statistics().queued == 2
+    await trio.sleep(0.003)
+    await trio.testing.wait_all_tasks_blocked()
+    assert [f.payload for f in fed.frames] == [b"0", b"1", b"2"]
+    assert trio.current_time() - start < 0.005
+    await trio.sleep(1.0)  # quiet: the fan-out parks, and the next frame goes at once again
+    dispatcher.offer(frame("3"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(fed.frames) == 4
+
+
+async def test_an_offer_during_a_batch_goes_in_the_next_one(nursery: trio.Nursery) -> None:
+    dispatcher = Dispatcher(batch_interval=NOW)
+
+    class Echo(Feed):
+        def feed(self, frame: SkimFrame, emit: EventSink) -> None:
+            super().feed(frame, emit)
+            if frame.payload == b"ping":
+                dispatcher.offer(msgspec.structs.replace(frame, payload=b"pong"))
+
+    echo = Echo()
+    await nursery.start(dispatcher.serve, [echo])
+    dispatcher.offer(frame("ping"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert [f.payload for f in echo.frames] == [b"ping", b"pong"]
+
+
 def test_dispatcher_settings_and_frozen_statistics() -> None:
     with pytest.raises(ValueError):
         Dispatcher(0)
+    for interval in (-0.1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="batch_interval"):
+            Dispatcher(batch_interval=interval)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Dispatcher(analyzer_buffer=0)
     with pytest.raises(ValueError):
@@ -1135,6 +1360,118 @@ async def test_builtin_analyzers_behind_the_dispatcher(nursery: trio.Nursery) ->
         ),
         Movement(client_id="c-1", backend="game-1", time=2.0, position=(1.0, 2.0, 3.0)),
     ]
+
+
+# ------------------------------------------------------------------------------------------------
+# The region service's intake (atlas.control.regions): movement events straight to the predictor
+# ------------------------------------------------------------------------------------------------
+
+
+class FakeTransfers:
+    """Records what the region service asks of the transfer coordinator."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    def prepare(self, client_id: str, target: str, reason: object, ttl: float) -> None:
+        self.calls.append(("prepare", client_id, target))
+
+    def request(self, client_id: str, target: str, reason: object) -> Any:
+        self.calls.append(("request", client_id, target))
+        return SimpleNamespace(done=trio.Event())
+
+    def cancel_prepared(self, client_id: str, target: str | None = None) -> bool:
+        self.calls.append(("cancel", client_id, target or ""))
+        return True
+
+
+def _region_service(
+    world: WorldMap, clients: tuple[str, ...] = ("c-1",)
+) -> tuple[RegionService, FakeTransfers]:
+    link = SimpleNamespace(backend=SimpleNamespace(name="a"))
+    sessions = {client: SimpleNamespace(client_id=client, link=link) for client in clients}
+    registry = SimpleNamespace(get=sessions.get, __iter__=None)
+    runtime = SimpleNamespace(
+        world=world, clients=registry, config=SimpleNamespace(predictor=SimpleNamespace(prepare_ttl=3.0))
+    )
+    transfers = FakeTransfers()
+    predictor = Predictor(world, PredictorSettings(lookahead=0.5, margin=5.0, min_interval=0.0))
+    return RegionService(runtime, predictor, transfers), transfers  # type: ignore[arg-type]
+
+
+def _two_regions() -> WorldMap:
+    """``a`` owns x < 0, ``b`` owns x >= 0 (within 1000 units)."""
+    world = WorldMap()
+    world.add("west", Box(Vec3(-1000.0, -1000.0, -1000.0), Vec3(0.0, 1000.0, 1000.0)), "a")
+    world.add("east", Box(Vec3(0.0, -1000.0, -1000.0), Vec3(1000.0, 1000.0, 1000.0)), "b")
+    return world
+
+
+def _move(x: float, t: float, client: str = "c-1") -> Movement:
+    return Movement(client_id=client, backend="a", time=t, position=(x, 0.0, 0.0), velocity=(10.0, 0.0, 0.0))
+
+
+def test_the_region_service_does_nothing_without_regions() -> None:
+    service, transfers = _region_service(WorldMap())
+    for i in range(10):
+        service.offer(_move(float(i), float(i)))
+    service.offer(GameEvent(client_id="c-1", backend="a", time=1.0, kind="chat"))
+    stats = service.predictor.statistics()
+    assert (stats.clients, stats.observations) == (0, 0)
+    assert transfers.calls == []
+
+
+async def test_the_region_service_observes_at_once_and_acts_in_its_task(nursery: trio.Nursery) -> None:
+    service, transfers = _region_service(_two_regions(), clients=("c-1", "c-2"))
+    shadow = Predictor(_two_regions(), service.predictor.settings)  # what the predictor decides
+    assert shadow.moved("c-1", "a") == []
+    await nursery.start(service.serve)
+    service.offer(_move(-100.0, 1.0))
+    service.offer(_move(-50.0, 2.0, client="gone"))  # no such session: ignored
+    service.offer(GameEvent(client_id="c-1", backend="a", time=2.0, kind="chat"))
+    # A plain call: the predictor has the movement before anything else runs.
+    assert service.predictor.statistics().observations == 1
+    assert service.predictor.client("gone") is None
+    expected: list[tuple[str, str, str]] = []
+    for step in range(1, 40):
+        x, t = -100.0 + 8.0 * step, 1.0 + 0.5 * step
+        service.offer(_move(x, t))
+        for decision in shadow.observe("c-1", Vec3(x, 0.0, 0.0), Vec3(10.0, 0.0, 0.0), t):
+            kind = {Prepare: "prepare", Transfer: "request", CancelPrepare: "cancel"}[type(decision)]
+            expected.append((kind, "c-1", decision.target_backend))
+    assert ("request", "c-1", "b") in expected
+    assert transfers.calls == []  # the decisions wait for serve
+    await trio.testing.wait_all_tasks_blocked()
+    assert transfers.calls == expected
+
+
+async def test_the_region_service_starts_afresh_when_the_last_region_goes(nursery: trio.Nursery) -> None:
+    world = _two_regions()
+    service, _ = _region_service(world)
+    await nursery.start(service.serve)
+    service.offer(_move(-500.0, 1.0))
+    assert service.predictor.client("c-1") is not None
+    world.remove("west")
+    world.remove("east")
+    service.offer(_move(-400.0, 2.0))
+    assert service.predictor.client("c-1") is None  # forgotten, not fed a stale motion later
+    world.add("west", Box(Vec3(-1000.0, -1000.0, -1000.0), Vec3(0.0, 1000.0, 1000.0)), "a")
+    service.offer(_move(-300.0, 3.0))
+    assert service.predictor.statistics().observations == 2
+
+
+def test_the_region_service_drops_decisions_it_cannot_queue() -> None:
+    clients = tuple(f"c-{i}" for i in range(regions._DECISION_BUFFER + 10))
+    service, transfers = _region_service(_two_regions(), clients)
+    for client in clients:  # serve is not running: each crossing queues one Transfer
+        service.offer(_move(-100.0, 1.0, client=client))
+        service.offer(_move(100.0, 2.0, client=client))
+    assert service.decisions_dropped == 10
+    assert transfers.calls == []
+    # the predictor was told that the last client is still where it was, so it asks again
+    snapshot = service.predictor.client(clients[-1])
+    assert snapshot is not None
+    assert service.predictor.observe(clients[-1], Vec3(110.0, 0.0, 0.0), None, 3.0) != []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1198,6 +1535,18 @@ async def test_the_documented_plugin_runs(tmp_path: Path, monkeypatch: pytest.Mo
         )
         (teleport,) = events
         assert (teleport.client_id, teleport.time, teleport.distance) == ("c-1", 3.0, 100.0)  # type: ignore[attr-defined]
+        # behind the dispatcher, after the built-in movement analyzer: its feed is called directly
+        fed: list[SkimEvent] = []
+        dispatcher = Dispatcher(on_event=fed.append)
+        detector = load_analyzer("mygame.teleport:TeleportDetector", {"max_jump": 80.0})
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.serve, [MovementAnalyzer(), detector])
+            for x, t in ((0, 1.0), (10, 2.0), (110, 3.0)):
+                dispatcher.offer(frame(encode({"type": "move", "x": x, "y": 0}), time=t))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert [type(e).__name__ for e in fed] == ["Movement", "Movement", "Movement", "Teleport"]
+        assert _analyzer(dispatcher.statistics(), "teleport").queued == 0  # no channel: fed directly
     finally:
         for name in [m for m in sys.modules if m == "mygame" or m.startswith("mygame.")]:
             del sys.modules[name]

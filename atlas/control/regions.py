@@ -3,9 +3,12 @@
 Theory of operation
 -------------------
 The movement analyzer (atlas/skim) turns skimmed client messages into :class:`~atlas.skim.Movement`
-events and hands them, never blocking, to :meth:`RegionService.offer` (a bounded channel that drops and
-counts when full). :meth:`RegionService.serve` feeds them to the sans-IO
-:class:`~atlas.world.Predictor` and acts on its decisions through the transfer coordinator:
+events and hands them, never blocking, to :meth:`RegionService.offer`, which feeds them straight to the
+sans-IO :class:`~atlas.world.Predictor` (a plain call: no channel and no task hop per movement, which
+at thousands of movements a second would cost more scheduling than prediction). While the world map
+has no region, nothing can be predicted, and ``offer`` returns at once. The predictor's decisions,
+rare next to movements, go through a bounded channel (full: dropped and counted) to
+:meth:`RegionService.serve`, which acts on them through the transfer coordinator:
 
 * ``Prepare``: :meth:`TransferCoordinator.prepare` (advance notice to both servers, a link opened to the
   target, parked for ``prepare_ttl``);
@@ -13,8 +16,9 @@ counts when full). :meth:`RegionService.serve` feeds them to the sans-IO
   preparation for the same target); its outcome is reported back to the predictor (``moved``);
 * ``CancelPrepare``: :meth:`TransferCoordinator.cancel_prepared`.
 
-Once a second it expires stale preparations and forgets clients that left. Everything runs in one task;
-transfers run in the coordinator's nursery, and only a small task per transfer waits for its outcome.
+Once a second it expires stale preparations and forgets clients that left. Everything but ``offer`` runs in
+one task; transfers run in the coordinator's nursery, and only a small task per transfer waits for its
+outcome.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ __all__ = ["RegionService"]
 log = logging.getLogger("atlas.world")
 
 _HOUSEKEEPING = 1.0
+_DECISION_BUFFER = 1024
 
 
 class RegionService:
@@ -46,41 +51,51 @@ class RegionService:
         self.runtime = runtime
         self.predictor = predictor
         self.transfers = transfers
+        #: Movements dropped before the predictor (none since it is called directly; kept for the metric).
         self.dropped = 0
+        #: Decisions dropped because `serve` had too many waiting (the predictor is told, so it retries).
+        self.decisions_dropped = 0
         self._tracked: set[str] = set()
-        self._send, self._receive = trio.open_memory_channel[tuple[str, Vec3, Vec3 | None, float]](4096)
+        self._send, self._receive = trio.open_memory_channel[list[Decision]](_DECISION_BUFFER)
 
     def offer(self, event: SkimEvent) -> None:
-        """An analyzer's event (the dispatcher's ``on_event``): movement is queued, never waited for."""
+        """An analyzer's event (the dispatcher's ``on_event``): a movement goes to the predictor at once.
+
+        Synchronous and never waits: the predictor is a plain call, and its decisions are queued for
+        `serve` (dropped when too many wait). Does nothing while the world map has no region.
+        """
+        if not len(self.runtime.world):
+            if self._tracked:  # the last region went: start afresh once there are regions again
+                self._forget_all()
+            return
         position = getattr(event, "position", None)
         if position is None:
             return
+        client_id = event.client_id
+        session = self.runtime.clients.get(client_id)
+        if session is None:
+            return
+        if client_id not in self._tracked:
+            self._tracked.add(client_id)
+            self.predictor.moved(client_id, session.link.backend.name)
         velocity = getattr(event, "velocity", None)
-        try:
-            self._send.send_nowait(
-                (
-                    event.client_id,
-                    Vec3(*position),
-                    Vec3(*velocity) if velocity is not None else None,
-                    event.time,
-                )
-            )
-        except trio.WouldBlock:
-            self.dropped += 1
+        decisions = self.predictor.observe(
+            client_id, Vec3(*position), Vec3(*velocity) if velocity is not None else None, event.time
+        )
+        if decisions:
+            try:
+                self._send.send_nowait(decisions)
+            except trio.WouldBlock:
+                self.decisions_dropped += 1
+                self._report(client_id)  # it asked for nothing after all: the predictor may ask again
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._housekeeping)
             task_status.started()
-            async for client_id, position, velocity, t in self._receive:
-                session = self.runtime.clients.get(client_id)
-                if session is None:
-                    continue
-                if client_id not in self._tracked:
-                    self._tracked.add(client_id)
-                    self.predictor.moved(client_id, session.link.backend.name)
-                self._act(nursery, self.predictor.observe(client_id, position, velocity, t))
+            async for decisions in self._receive:
+                self._act(nursery, decisions)
 
     def _act(self, nursery: trio.Nursery, decisions: list[Decision]) -> None:
         # The coordinator keeps a preparation longer than the predictor does: the predictor extends its own
@@ -120,16 +135,23 @@ class RegionService:
         else:
             self.predictor.moved(client_id, session.link.backend.name)
 
+    def _forget_all(self) -> None:
+        """Stop tracking every client (their preparations are cancelled)."""
+        for client_id in list(self._tracked):
+            self._tracked.discard(client_id)
+            self._cancel(self.predictor.forget(client_id))
+
+    def _cancel(self, decisions: list[Decision]) -> None:
+        for decision in decisions:
+            if isinstance(decision, CancelPrepare):
+                self.transfers.cancel_prepared(decision.client_id, decision.target_backend)
+
     async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(_HOUSEKEEPING)
-            for decision in self.predictor.expire(trio.current_time()):
-                if isinstance(decision, CancelPrepare):
-                    self.transfers.cancel_prepared(decision.client_id, decision.target_backend)
+            self._cancel(self.predictor.expire(trio.current_time()))
             live = {session.client_id for session in self.runtime.clients}
             for client_id in list(self._tracked):
                 if client_id not in live:
                     self._tracked.discard(client_id)
-                    for decision in self.predictor.forget(client_id):
-                        if isinstance(decision, CancelPrepare):
-                            self.transfers.cancel_prepared(decision.client_id, decision.target_backend)
+                    self._cancel(self.predictor.forget(client_id))

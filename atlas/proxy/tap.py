@@ -57,7 +57,9 @@ class SkimTaps:
     def _tap(self, session: ClientSession, direction: Direction) -> Callable[[int, bytes], None]:
         assert self._dispatcher is not None
         offer = self._dispatcher.offer
-        now = trio.current_time
+        # The run's clock itself: the same time as trio.current_time() for less than half its cost
+        # (no look-up of the run context per message).
+        now = trio.lowlevel.current_clock().current_time
         client_id = session.client_id
 
         def tap(opcode: int, payload: bytes) -> None:

@@ -1,10 +1,11 @@
 """Skimming: a non-blocking tap on the relay, and the analyzers that read what it skims.
 
 The relay asks a `SkimFilter` about each frame before unmasking anything, builds a `SkimFrame` for
-the frames it wants, and `Dispatcher.offer` s them (``send_nowait``: a full channel drops and
-counts, so skimming can never slow the relay). The `Dispatcher` fans frames out to analyzers, each
-behind its own bounded channel, and to live taps (`Dispatcher.subscribe`, rendered with
-`frame_to_sse`). Analyzers are a small plug-in interface (`Analyzer`, loaded by import path with
+the frames it wants, and `Dispatcher.offer` s them (a bounded queue: when full it drops and counts,
+so skimming can never slow the relay). The `Dispatcher` fans frames out in batches to analyzers
+(called directly through their optional ``feed``, or each behind its own bounded channel) and to
+live taps (`Dispatcher.subscribe`, rendered with `frame_to_sse`). Analyzers are a small plug-in
+interface (`Analyzer`, loaded by import path with
 `load_analyzer`) and emit `SkimEvent` s: the built-in `MovementAnalyzer` emits `Movement` (pure
 parser: `parse_movement`), the `EventAnalyzer` logs game events in the seed's style and emits
 `GameEvent` (pure parser: `parse_event`). docs/skimming.md is the user's guide.

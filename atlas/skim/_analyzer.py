@@ -5,6 +5,11 @@ gives each analyzer its own bounded channel of `SkimFrame` and an ``emit`` callb
 frames until the channel ends and calls ``emit`` with `SkimEvent` records (a `Movement`, a
 `GameEvent`, or an analyzer's own subclass). ``emit`` never blocks and never raises.
 
+An analyzer may also have a synchronous ``feed(frame, emit)`` method, for work that takes a few
+microseconds per frame: the dispatcher then calls it for each frame from its fan-out task, instead of
+giving it a channel and a task of its own (which costs a trio scheduling round per frame or per batch).
+``run`` stays required: it is what the interface promises, and what runs the analyzer anywhere else.
+
 Analyzers are configured by import path (``package.module:ClassName``) and a table of options,
 which become the keyword arguments of the class: `load_analyzer`. Every failure is reported as an
 `atlas.errors.ConfigError` line in the style of the config file's own errors
@@ -88,6 +93,14 @@ class Analyzer(Protocol):
     It should not do blocking I/O in the trio thread (use ``trio.to_thread``) and must reach a
     checkpoint often (``async for`` does, per frame): it shares the thread with the relay. An
     exception it raises is logged and stops this analyzer only.
+
+    Optional fast path: an analyzer that also has a plain (not ``async``) method
+    ``feed(frame: SkimFrame, emit: EventSink) -> None`` is not given a channel or a task: the
+    dispatcher calls ``feed`` for each frame, in order, from its fan-out task, and never starts
+    ``run``. ``feed`` must return quickly (a few microseconds: the other analyzers and the live taps
+    wait while it runs, though the relay never does) and must not block; an exception it raises is
+    logged and stops this analyzer only, as for ``run``. ``run`` is still required and should do the
+    same as ``feed`` does for each frame it reads (the built-in analyzers are written that way).
     """
 
     name: str
@@ -131,6 +144,16 @@ def _not_an_analyzer(obj: object) -> str | None:
     run = getattr(obj, "run", None)
     if not inspect.iscoroutinefunction(run):
         return "it has no 'async def run(frames, emit)' method"
+    return _feed_problem(obj)
+
+
+def _feed_problem(obj: object) -> str | None:
+    """Why ``obj``'s optional ``feed`` cannot be used (it is async, or not callable), or None."""
+    feed = getattr(obj, "feed", None)
+    if feed is None:
+        return None
+    if not callable(feed) or inspect.iscoroutinefunction(feed):
+        return "its 'feed' is not a plain (synchronous) method 'def feed(frame, emit)'"
     return None
 
 

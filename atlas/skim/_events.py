@@ -24,7 +24,7 @@ import trio
 
 from atlas.skim._analyzer import EventSink, GameEvent
 from atlas.skim._frames import OP_TEXT, SkimFrame
-from atlas.skim._movement import MovementPath, _to_paths, parse_movement
+from atlas.skim._movement import MovementPath, _decoded, _Message, _to_paths, parse_movement
 
 __all__ = ["EVENT_KINDS", "EventAnalyzer", "parse_event"]
 
@@ -54,7 +54,7 @@ _decode_head: Final = msgspec.json.Decoder(_Head).decode
 _decode_object: Final = msgspec.json.Decoder(dict[str, Any]).decode
 
 
-def _kind(head: _Head) -> object:
+def _kind(head: _Head | _Message) -> object:
     if head.type is not None:
         return head.type
     if head.action is not None:
@@ -65,10 +65,12 @@ def _kind(head: _Head) -> object:
 def parse_event(payload: bytes) -> tuple[str, dict[str, Any]] | None:
     """The kind (one of `EVENT_KINDS`) and the decoded message, or None if it is not a game event.
 
-    Never raises on any input.
+    Never raises on any input. When ``payload`` is the message the movement parser decoded last (the
+    same frame, just given to the `MovementAnalyzer`), its discriminators are read from that decode.
     """
     try:
-        kind = _kind(_decode_head(payload))
+        message = _decoded(payload)
+        kind = _kind(_decode_head(payload) if message is None else message)
         if type(kind) is not str or kind not in _KIND_SET:
             return None
         return kind, _decode_object(payload)
@@ -134,36 +136,39 @@ class EventAnalyzer:
         self.recognised = 0
 
     async def run(self, frames: trio.MemoryReceiveChannel[SkimFrame], emit: EventSink) -> None:
-        """Read ``frames`` until the channel ends; log each recognised event and emit `GameEvent`s."""
-        kinds = self.kinds
-        movement = "movement" in kinds
+        """Read ``frames`` until the channel ends; `feed` each one."""
+        feed = self.feed
         async for frame in frames:
-            self.frames += 1
-            if frame.opcode != OP_TEXT:
-                continue
-            event = parse_event(frame.payload)
-            if event is not None:
-                kind, detail = event
-                if kind not in kinds:
-                    continue
-                self.recognised += 1
-                self._log(frame, kind)
-                emit(
-                    GameEvent(
-                        client_id=frame.client_id,
-                        backend=frame.backend,
-                        time=frame.time,
-                        kind=kind,
-                        detail=detail,
-                    )
+            feed(frame, emit)
+
+    def feed(self, frame: SkimFrame, emit: EventSink) -> None:
+        """Log ``frame`` if it is a recognised message; emit a `GameEvent` if it is a game event."""
+        self.frames += 1
+        if frame.opcode != OP_TEXT:
+            return
+        event = parse_event(frame.payload)
+        if event is not None:
+            kind, detail = event
+            if kind not in self.kinds:
+                return
+            self.recognised += 1
+            self._log(frame, kind)
+            emit(
+                GameEvent(
+                    client_id=frame.client_id,
+                    backend=frame.backend,
+                    time=frame.time,
+                    kind=kind,
+                    detail=detail,
                 )
-            elif (
-                movement
-                and log.isEnabledFor(logging.DEBUG)
-                and parse_movement(frame.payload, self.paths) is not None
-            ):
-                self.recognised += 1
-                self._log(frame, "movement")
+            )
+        elif (
+            log.isEnabledFor(logging.DEBUG)
+            and "movement" in self.kinds
+            and parse_movement(frame.payload, self.paths) is not None
+        ):
+            self.recognised += 1
+            self._log(frame, "movement")
 
     def _log(self, frame: SkimFrame, kind: str) -> None:
         level = _LEVELS[kind]

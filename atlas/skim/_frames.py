@@ -47,7 +47,7 @@ class SkimFrame(msgspec.Struct, frozen=True, gc=False):
     payload: bytes
     """The whole message payload, already unmasked."""
     time: float
-    """``trio.current_time()`` when the relay saw it."""
+    """The trio clock's time (``trio.current_time()``) when the relay saw it."""
 
 
 class SkimFilter:

@@ -21,11 +21,14 @@ else. On a 57-byte ``{"type":"move","position":{...}}`` message that is about 2x
 decoding to a ``dict`` and matching in Python (measured ~330 ns against ~630 ns per message, 33-byte
 seed message ~290 ns against ~680 ns, a 243-byte Horizon message ~870 ns against ~2.3 µs).
 Configured paths need the generic tree: they decode the message a second time, to ``dict``, and
-only when the built-in formats did not match.
+only when the built-in formats did not match. The last payload decoded is remembered (by identity):
+the `EventAnalyzer`, fed the same frame right after, reads its discriminators from that decode
+instead of decoding the message again.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
@@ -234,6 +237,42 @@ _decode_tree: Final = msgspec.json.Decoder().decode
 _MOVE_TYPES: Final = frozenset(("move", "position"))
 
 
+class _Undecoded(enum.Enum):
+    SHAPE = "JSON, but not the shape of a built-in format"
+    NOT_JSON = "not JSON"
+
+
+# The last payload `_message` decoded and the outcome, as one tuple (replaced whole, never mutated).
+# The built-in analyzers are fed the same frame one after the other, so the second one finds the
+# first one's decode here; holding one payload alive is all it costs.
+_last: tuple[bytes, _Message | _Undecoded] = (b"", _Undecoded.NOT_JSON)
+
+
+def _message(payload: bytes) -> _Message | _Undecoded:
+    """``payload`` decoded as a `_Message`, or why not; the same payload (object) twice is decoded once."""
+    global _last
+    last = _last
+    if last[0] is payload:
+        return last[1]
+    try:
+        found: _Message | _Undecoded = _decode_message(payload)
+    except msgspec.ValidationError:
+        found = _Undecoded.SHAPE
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises UnicodeDecodeError for a bad string
+        found = _Undecoded.NOT_JSON
+    if type(payload) is bytes:  # immutable: the same object always holds the same message
+        _last = (payload, found)
+    return found
+
+
+def _decoded(payload: bytes) -> _Message | None:
+    """The `_Message` of ``payload`` if it is the payload decoded last and it decoded, else None (no work)."""
+    last = _last
+    if last[0] is payload and type(last[1]) is _Message:
+        return last[1]
+    return None
+
+
 def _seed_format(message: _Message) -> tuple[Vector, Vector | None] | None:
     if message.position is not None:
         vec = message.position
@@ -286,12 +325,18 @@ def parse_movement(payload: bytes, paths: Sequence[MovementPath] = ()) -> tuple[
     each of ``paths`` in order. Never raises on any input. UTF-8 is checked only in the strings the
     formats read (checking every text message is the relay's job: ``proxy.validate_utf8``).
     """
-    try:
-        found = _builtin(_decode_message(payload))
-    except msgspec.ValidationError:
+    message = _message(payload)
+    if message is _Undecoded.NOT_JSON:
+        return None
+    if message is _Undecoded.SHAPE:
         found = None  # JSON, but not the shape of a built-in format: the paths may still match
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        return None  # not JSON at all (msgspec raises UnicodeDecodeError for a string it decodes)
+    else:
+        try:
+            found = _builtin(message)
+        except msgspec.ValidationError:
+            found = None  # a Horizon ``data`` of the wrong shape
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return None
     if found is not None or not paths:
         return found
     try:
@@ -354,22 +399,26 @@ class MovementAnalyzer:
         self.recognised = 0
 
     async def run(self, frames: trio.MemoryReceiveChannel[SkimFrame], emit: EventSink) -> None:
-        """Read ``frames`` until the channel ends; emit a `Movement` for each movement message."""
-        paths = self.paths
+        """Read ``frames`` until the channel ends; `feed` each one."""
+        feed = self.feed
         async for frame in frames:
-            self.frames += 1
-            if frame.opcode != OP_TEXT or frame.direction != "up":
-                continue
-            found = parse_movement(frame.payload, paths)
-            if found is None:
-                continue
-            self.recognised += 1
-            emit(
-                Movement(
-                    client_id=frame.client_id,
-                    backend=frame.backend,
-                    time=frame.time,
-                    position=found[0],
-                    velocity=found[1],
-                )
+            feed(frame, emit)
+
+    def feed(self, frame: SkimFrame, emit: EventSink) -> None:
+        """Emit a `Movement` if ``frame`` is a movement message (the dispatcher calls it per frame)."""
+        self.frames += 1
+        if frame.opcode != OP_TEXT or frame.direction != "up":
+            return
+        found = parse_movement(frame.payload, self.paths)
+        if found is None:
+            return
+        self.recognised += 1
+        emit(
+            Movement(
+                client_id=frame.client_id,
+                backend=frame.backend,
+                time=frame.time,
+                position=found[0],
+                velocity=found[1],
             )
+        )
