@@ -26,6 +26,7 @@ Any other line, ``/`` or not, is a plain line and counts as a message sent.
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Final
 
 import attrs
@@ -94,7 +95,7 @@ def _plural(count: int, noun: str) -> str:
 
 
 @attrs.define
-class GameRules:
+class GameRules(abc.ABC):
     """The rules shared by every demo game; :class:`EchoRules` and :class:`ChatRules` add the rest.
 
     ``name`` is the server's name. New players are named ``player-<n>``, numbered from 1 per server in
@@ -199,9 +200,9 @@ class GameRules:
         """What a new player is told when it connects."""
         return []
 
+    @abc.abstractmethod
     def said(self, key: str, profile: Profile, text: str) -> list[Say]:
         """A plain line from the player ``key`` (already counted)."""
-        raise NotImplementedError
 
 
 @attrs.define
