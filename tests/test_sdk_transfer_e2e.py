@@ -15,14 +15,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import WebSocketConnection
 
 from atlas.config import AdminConfig, Config, ProxyConfig, ServerConfig, TransferConfig
 from atlas.control.coordinator import TransferOutcome, TransferRefused
 from atlas.control.lifecycle import TransferReason
 from atlas.sdk import GameServer, Player
 from atlas.supervisor import AtlasStarted, serve_atlas
-from tests.wsclient import open_ws, until
+from tests.wsclient import open_ws, stream_numbered, until
 
 
 class CounterGame(GameServer):
@@ -84,24 +84,9 @@ async def test_sdk_transfers_keep_every_message_and_the_player_state() -> None:
 
             async def stream(n: int, ws: WebSocketConnection) -> None:
                 answers[n] = []
-
-                async def reader() -> None:
-                    with contextlib.suppress(ConnectionClosed):
-                        while True:
-                            message = await ws.get_message()
-                            assert isinstance(message, str)
-                            answers[n].append(message)
-
-                async with trio.open_nursery() as inner:
-                    inner.start_soon(reader)
-                    i = 0
-                    while not stop.is_set():
-                        await ws.send_message(str(i))
-                        i += 1
-                        sent[n] = i
-                        await trio.sleep(1 / rate)
-                    await until(lambda: len(answers[n]) >= i)  # the last answers are in flight
-                    inner.cancel_scope.cancel()
+                sent[n] = await stream_numbered(
+                    ws, label=str, received=answers[n], stop=stop, rate=rate, wait_for_answers=True
+                )
 
             async def run_client(n: int) -> None:
                 async with open_ws(url) as ws:

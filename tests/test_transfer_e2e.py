@@ -15,7 +15,7 @@ from atlas.config import AdminConfig, Config, ProxyConfig, ServerConfig, Transfe
 from atlas.control.coordinator import TransferOutcome, TransferRefused
 from atlas.control.lifecycle import TransferReason
 from atlas.supervisor import AtlasStarted, serve_atlas
-from tests.wsclient import open_ws
+from tests.wsclient import open_ws, stream_numbered
 
 
 class Recorder:
@@ -89,23 +89,14 @@ async def test_blind_transfers_under_streaming_lose_duplicate_and_reorder_nothin
 
             async def client(n: int, ws: WebSocketConnection) -> None:
                 echoed[n] = []
-
-                async def reader() -> None:
-                    with contextlib.suppress(ConnectionClosed):
-                        while True:
-                            message = await ws.get_message()
-                            assert isinstance(message, str)
-                            echoed[n].append(message)
-
-                async with trio.open_nursery() as inner:
-                    inner.start_soon(reader)
-                    i = 0
-                    while not stop.is_set():
-                        await ws.send_message(f"{n}:{i}")
-                        i += 1
-                        sent[n] = i
-                        await trio.sleep(1 / rate)
-                    inner.cancel_scope.cancel()
+                sent[n] = await stream_numbered(
+                    ws,
+                    label=lambda i: f"{n}:{i}",
+                    received=echoed[n],
+                    stop=stop,
+                    rate=rate,
+                    wait_for_answers=False,  # a blind cut may drop the source's last answers
+                )
 
             async def run_client(n: int) -> None:
                 async with open_ws(url) as ws:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-__all__ = ["open_ws", "until"]
+__all__ = ["open_ws", "stream_numbered", "until"]
 
 
 async def until(condition: Callable[[], bool], *, seconds: float = 10.0) -> None:
@@ -31,3 +32,38 @@ async def open_ws(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]
     async with open_websocket_url(url, **kwargs) as ws:
         yield ws
     await ws._stream.aclose()
+
+
+async def stream_numbered(
+    ws: WebSocketConnection,
+    *,
+    label: Callable[[int], str],
+    received: list[str],
+    stop: trio.Event,
+    rate: float,
+    wait_for_answers: bool,
+) -> int:
+    """Send ``label(0)``, ``label(1)``, ... at ``rate`` per second until ``stop``, keeping every answer.
+
+    Returns how many messages were sent. With ``wait_for_answers``, returns only once as many answers
+    came back (bounded by `until`).
+    """
+    sent = 0
+
+    async def reader() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                message = await ws.get_message()
+                assert isinstance(message, str)
+                received.append(message)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        while not stop.is_set():
+            await ws.send_message(label(sent))
+            sent += 1
+            await trio.sleep(1 / rate)
+        if wait_for_answers:
+            await until(lambda: len(received) >= sent)  # the last answers are in flight
+        nursery.cancel_scope.cancel()
+    return sent
