@@ -13,6 +13,8 @@ from contextlib import asynccontextmanager
 
 import attrs
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from trio.testing import MockClock, memory_stream_pair, wait_all_tasks_blocked
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import (
@@ -682,4 +684,108 @@ async def test_hold_waits_for_the_message_under_way(autojump_clock: MockClock) -
         assert counted == [1]
         h.session.resume()
         h.session.close(1001, "test over")
+        await h.finished()
+
+
+# -- the transfer guarantees under random interleavings (hypothesis) --------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    before=st.integers(0, 5),
+    during=st.integers(0, 5),
+    after=st.integers(0, 5),
+    source_before=st.integers(0, 4),
+    source_late=st.integers(0, 3),
+    target_sends=st.integers(0, 3),
+    commit=st.booleans(),
+    delays=st.lists(st.sampled_from([0.0, 0.001, 0.05]), min_size=6, max_size=6),
+)
+async def test_transfer_guarantees_hold_in_every_interleaving(
+    autojump_clock: MockClock,
+    before: int,
+    during: int,
+    after: int,
+    source_before: int,
+    source_late: int,
+    target_sends: int,
+    commit: bool,
+    delays: list[float],
+) -> None:
+    """Guarantees 1, 2, 3 and 5 of DESIGN.md section 4, for a cut-over or a rollback at a random moment.
+
+    The client streams numbered messages before, during and after the transfer; the source sends some
+    messages before the cut and some "late" ones after it (which must never reach the client once it
+    switched); the target sends after the switch. Every step waits a random (virtual) delay.
+    """
+    h = make_harness()
+    target = h.links.add_backend("b2")
+    new_link = h.links.spare.pop()[0]
+    sent_by_client: list[str] = []
+
+    async def client_sends(count: int) -> None:
+        for _ in range(count):
+            text = f"c{len(sent_by_client)}"
+            sent_by_client.append(text)
+            await h.client.send(TextMessage(data=text))
+
+    async with running(h):
+        await client_sends(before)
+        await trio.sleep(delays[0])
+        for i in range(source_before):
+            await h.backend.send(TextMessage(data=f"s{i}"))
+        await trio.sleep(delays[1])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client_sends, during)  # racing with the hold
+            await trio.sleep(delays[2])
+            delivered = await h.session.hold_client()
+            await h.session.cut_backend(source_before)
+        for i in range(source_late):
+            await h.backend.send(TextMessage(data=f"late{i}"))
+        await trio.sleep(delays[3])
+        if commit:
+            old = h.session.switch_to(new_link)
+            await h.session.retire_link(old)
+            owner = target
+            for i in range(target_sends):
+                await target.send(TextMessage(data=f"t{i}"))
+        else:
+            h.session.resume()
+            owner = h.backend
+        await trio.sleep(delays[4])
+        await client_sends(after)
+        await trio.sleep(delays[5])
+        # Guarantee 1: the client's connection is still open.
+        assert h.session.ending is None
+        # Guarantee 2: every client message reached exactly one backend, in order.
+        expected_at_owner = len(sent_by_client) - (delivered if commit else 0)
+        got_source = [e for e in h.backend.queued() if isinstance(e, TextMessage)]
+        while len(got_source) < (delivered if commit else len(sent_by_client)):
+            event = await h.backend.next_event()
+            if isinstance(event, TextMessage):
+                got_source.append(event)
+        got_target: list[Event] = []
+        if commit:
+            while len(got_target) < expected_at_owner:
+                event = await target.next_event()
+                if isinstance(event, TextMessage):
+                    got_target.append(event)
+        texts = [e.data for e in got_source + got_target if isinstance(e, TextMessage)]
+        assert texts == sent_by_client
+        # Guarantee 3: the source's messages up to the cut, then (after a switch) only the target's.
+        expected_down = [f"s{i}" for i in range(source_before)]
+        expected_down += (
+            [f"t{i}" for i in range(target_sends)] if commit else [f"late{i}" for i in range(source_late)]
+        )
+        got_down: list[str] = []
+        while len(got_down) < len(expected_down):
+            event = await h.client.next_event()
+            if isinstance(event, TextMessage):
+                got_down.append(event.data)
+        assert got_down == expected_down
+        # Guarantee 5: a rollback leaves the client on its source.
+        assert (h.session.link.backend.name == "b2") is commit
+        assert owner is (target if commit else h.backend)
+        h.session.close(1001, "test over")
+        await h.client.expect_close()
         await h.finished()
