@@ -1290,8 +1290,8 @@ async def test_serve_checks_names_and_runs_once_at_a_time(nursery: trio.Nursery)
 async def test_the_fan_out_pauses_between_batches_while_frames_keep_coming(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    dispatcher = Dispatcher()
-    assert dispatcher.batch_interval == 0.002
+    dispatcher = Dispatcher(size=8)
+    assert dispatcher.batch_interval == 0.01
     fed = Feed()
     await nursery.start(dispatcher.serve, [fed])
     await trio.testing.wait_all_tasks_blocked()
@@ -1304,14 +1304,20 @@ async def test_the_fan_out_pauses_between_batches_while_frames_keep_coming(
     await trio.testing.wait_all_tasks_blocked()
     assert len(fed.frames) == 1
     assert dispatcher.statistics().queued == 2
-    await trio.sleep(0.003)
+    await trio.sleep(0.015)
     await trio.testing.wait_all_tasks_blocked()
     assert [f.payload for f in fed.frames] == [b"0", b"1", b"2"]
-    assert trio.current_time() - start < 0.005
-    await trio.sleep(1.0)  # quiet: the fan-out parks, and the next frame goes at once again
-    dispatcher.offer(frame("3"))
+    assert trio.current_time() - start < 0.02
+    # A pause ends early once half the queue is used: nothing is dropped for waiting.
+    for i in range(3, 7):
+        dispatcher.offer(frame(str(i)))
     await trio.testing.wait_all_tasks_blocked()
-    assert len(fed.frames) == 4
+    assert len(fed.frames) == 7
+    assert dispatcher.statistics().dropped_input == 0
+    await trio.sleep(1.0)  # quiet: the fan-out parks, and the next frame goes at once again
+    dispatcher.offer(frame("7"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(fed.frames) == 8
 
 
 async def test_an_offer_during_a_batch_goes_in_the_next_one(nursery: trio.Nursery) -> None:

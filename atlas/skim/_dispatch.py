@@ -24,12 +24,13 @@ a frame is waiting; at thousands of skimmed messages a second those rounds cost 
 analysis itself. So the fan-out takes what is queued in batches: it parks while the input queue is
 empty, the first `offer` wakes it, and it then hands on everything queued without another checkpoint
 (nothing can be added meanwhile: the relay only offers when it runs itself). While frames keep
-coming it then pauses ``batch_interval`` (2 ms) between batches, so that a busy relay pays for one
-wake-up of the fan-out per interval, not one per scheduling round. An analyzer with a synchronous
-``feed`` (the built-in ones) is called directly from that loop instead of being woken through a
-channel of its own. The input is a plain ``deque`` with a `trio.lowlevel.ParkingLot` rather than a
-memory channel because `offer` runs in the relay's task for every skimmed message: an append costs
-about a third of ``send_nowait``, and waking the fan-out is paid once per batch.
+coming it then pauses ``batch_interval`` (10 ms) between batches, or until the queue is half full,
+so that a busy relay pays for one wake-up of the fan-out per interval rather than one per round of
+the trio loop (a wake-up is often a round of its own: tens of microseconds). An analyzer with a
+synchronous ``feed`` (the built-in ones) is called directly from that loop instead of being woken
+through a channel of its own. The input is a plain ``deque`` with a `trio.lowlevel.ParkingLot`
+rather than a memory channel because `offer` runs in the relay's task for every skimmed message:
+an append costs about a third of ``send_nowait``, and waking the fan-out is paid once per batch.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ log = logging.getLogger("atlas.skim")
 _DEFAULT_SIZE: Final = 1024
 _DEFAULT_ANALYZER_BUFFER: Final = 256
 _DEFAULT_TAP_BUFFER: Final = 64
-_DEFAULT_BATCH_INTERVAL: Final = 0.002
+_DEFAULT_BATCH_INTERVAL: Final = 0.01
 
 
 class AnalyzerState(enum.Enum):
@@ -171,9 +172,9 @@ class Dispatcher:
         """Set up the input queue; `serve` starts the analyzers.
 
         ``batch_interval`` (seconds) paces the fan-out while frames keep coming: after handing on a
-        batch it waits that long before the next, so that frames gather into bigger batches (the
-        first frame after a quiet spell still goes at once). 0 hands each batch on as soon as the
-        fan-out can run.
+        batch it waits that long before the next (or until half of ``size`` is queued), so that
+        frames gather into bigger batches; the first frame after a quiet spell still goes at once.
+        0 hands each batch on as soon as the fan-out can run.
 
         Raises:
             ValueError: a size below 1, or ``batch_interval`` outside [0, 1].
@@ -184,9 +185,11 @@ class Dispatcher:
         self.batch_interval = _check_interval(batch_interval)
         self.on_event = on_event
         self._input: collections.deque[SkimFrame] = collections.deque()
-        # The fan-out parks here when the input is empty (and says so in _idle); offer() wakes it.
+        # The fan-out parks here when the input is empty (_idle) and in its pause between two batches
+        # (_pausing); offer() wakes it for the first frame, or in the pause once the queue is half full.
         self._wakeup = trio.lowlevel.ParkingLot()
         self._idle = False
+        self._pausing = False
         self._lanes: tuple[_Lane, ...] = ()
         # The running analyzers with a feed method, and those with a channel still being read.
         self._feeders: tuple[tuple[_Lane, _Feed], ...] = ()
@@ -215,8 +218,11 @@ class Dispatcher:
             self._dropped_input += 1
             return False
         queue.append(frame)
-        if self._idle:  # the first frame of a batch wakes the fan-out
+        if self._idle:  # the first frame after a quiet spell wakes the fan-out
             self._idle = False
+            self._wakeup.unpark()
+        elif self._pausing and len(queue) >= self.size // 2:  # too many to wait for the pause to end
+            self._pausing = False
             self._wakeup.unpark()
         return True
 
@@ -349,10 +355,13 @@ class Dispatcher:
                 if readers:
                     self._to_taps(frame, readers)
             if interval:
-                # Let the next batch gather: frames offered meanwhile wait (offer() does not wake
-                # a fan-out that is not parked). Their time was taken by the relay, so analysis is
-                # not skewed; only the hand-over is up to one interval later.
-                await trio.sleep(interval)
+                # Let the next batch gather: frames offered meanwhile wait, until the pause ends or
+                # the queue is half full. Their time was taken by the relay, so analysis is not
+                # skewed; only the hand-over is up to one interval later.
+                self._pausing = True
+                with trio.move_on_after(interval):
+                    await self._wakeup.park()
+                self._pausing = False
 
     def _to_taps(self, frame: SkimFrame, readers: list[trio.MemorySendChannel[SkimFrame]]) -> None:
         for send in readers:

@@ -44,7 +44,7 @@ _LEVELS: Final = {
 _KIND_SET: Final = frozenset(EVENT_KINDS)
 
 
-class _Head(msgspec.Struct):
+class _Head(msgspec.Struct, gc=False):  # no cycles possible: untracked (see _movement._Vec)
     type: Any = None
     action: Any = None
     client: Any = None
