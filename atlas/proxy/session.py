@@ -125,6 +125,9 @@ class BackendLink:
     """When the previous link's last message was relayed (a transfer's cut), until this link's first."""
     on_first_message: Callable[[float], None] | None = None
     """Told the client-visible stall (seconds) when this link relays its first message after a switch."""
+    released: trio.Event | None = None
+    """Set once the down pump has let go of this link (None: it never took it). Only then may another
+    task read the stream: the pump may still be parked in ``receive_some`` when its scope is cancelled."""
 
 
 class LinkProvider(Protocol):
@@ -330,6 +333,8 @@ class ClientSession:
                 trio.move_on_after(self.close_timeout),
                 contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
             ):
+                if link.released is not None:
+                    await link.released.wait()  # its scope is cancelled: the pump lets go at once
                 if await self._send_close(link.stream, True, (CloseCode.NORMAL, reason), mask=True):
                     while await link.stream.receive_some(_RECEIVE_SIZE):
                         pass
@@ -599,8 +604,12 @@ class ClientSession:
         """
         while True:
             link = self.link
-            with link.scope:
-                await self._relay_down(link, first if link is first_link else None)
+            link.released = trio.Event()
+            try:
+                with link.scope:
+                    await self._relay_down(link, first if link is first_link else None)
+            finally:
+                link.released.set()
             first = None
             if self.link is not link:
                 continue  # a transfer switched the client to another link
