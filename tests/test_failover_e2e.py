@@ -106,6 +106,9 @@ async def test_backend_killed_under_200_clients_every_client_moves_nothing_lost(
             assert [b.connections for b in pool] == [0, 0, 0]  # everyone has left cleanly
             registry = atlas.runtime.metrics.registry
             assert registry.get_sample_value("atlas_failovers_total", {"outcome": "moved"}) == moved
+            # Each failover ran through the transfer coordinator, as a transfer with reason failover.
+            failovers = {"reason": "failover", "outcome": "committed"}
+            assert registry.get_sample_value("atlas_transfers_total", failovers) == moved
             nursery.cancel_scope.cancel()
     assert len(connections) == clients
     for n, got in echoes.items():

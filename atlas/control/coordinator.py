@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -127,6 +128,9 @@ class _Request:
     """A preparation is no longer wanted."""
     after: trio.Event | None = None
     """Start only once this (a replaced preparation's ``done``) is set."""
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    """The transfer's steps; cancelled (with ``abandoned`` set) when its source fails under it."""
+    abandoned: str | None = None
 
     @property
     def preparing(self) -> bool:
@@ -297,48 +301,115 @@ class TransferCoordinator:
     async def _run(self, request: _Request) -> None:
         record = request.record
         session = request.session
+        try:
+            why: str | None = None
+            with request.scope:
+                try:
+                    await self._drive(request)
+                except _RollBack as exc:
+                    why = exc.why
+            if request.scope.cancelled_caught and record.can_roll_back:
+                why = request.abandoned or "cancelled"
+            if why is not None:
+                await self._roll_back(request, why)
+        finally:
+            self._forget(request)
+            stall = session.last_stall if record.phase is Phase.COMPLETED else None
+            request.outcome = self._outcome(record, stall=stall)
+            self._account(request.outcome)
+            request.done.set()
+
+    async def _drive(self, request: _Request) -> None:
+        """The steps of one transfer, within ``[transfer] timeout``; raises _RollBack on any failure."""
+        record = request.record
         if request.after is not None:
             await request.after.wait()
         timeout = self.runtime.config.transfer.timeout
         deadline = trio.current_time() + timeout
+        with trio.move_on_at(deadline) as preparing:
+            await self._prepare(request)
+        if preparing.cancelled_caught:
+            raise _RollBack(f"timed out while {record.phase.value}")
+        if request.prepare_ttl is not None:
+            await self._wait_for_go(request)
+            deadline = trio.current_time() + timeout  # a used preparation gets a fresh budget
+        with trio.move_on_at(deadline):
+            await self._cut_over(request)
+        if not record.done and record.can_roll_back:
+            raise _RollBack(f"timed out while {record.phase.value}")
+        if record.phase is Phase.SWITCHED:
+            record.advance(Phase.COMPLETED)  # the source's side timed out: the client is safe
+
+    def _forget(self, request: _Request) -> None:
+        client_id = request.record.client_id
+        if self.active.get(client_id) is request.record:
+            del self.active[client_id]
+        if self._requests.get(client_id) is request:
+            del self._requests[client_id]
+
+    @staticmethod
+    def _outcome(record: TransferRecord, *, stall: float | None = None) -> TransferOutcome:
+        return TransferOutcome(
+            transfer=record.id,
+            client=record.client_id,
+            source=record.source,
+            target=record.target,
+            reason=record.reason.value,
+            committed=record.phase is Phase.COMPLETED,
+            blind=record.blind,
+            phase=record.phase.value,
+            failure=record.failure,
+            duration=record.duration,
+            stall=stall,
+            hold=_held_for(record),
+        )
+
+    # -- failover: a transfer whose source is gone ---------------------------------------------------
+
+    async def fail_over(
+        self, client_id: str, source: str, connect: Callable[[], Awaitable[BackendLink]]
+    ) -> BackendLink:
+        """Account a failover as a transfer (reason ``failover``) while ``connect`` finds the client a link.
+
+        The session calls this (through its link provider) once ``source`` is lost; its messages are held
+        meanwhile. A transfer of the client still before its switch is abandoned first (rolled back:
+        both servers told, its target link closed), since its source is the one that failed; one past
+        its switch is let finish. The failover is then the client's one transfer: other requests are
+        refused until it ends. There is no state to hand over (the source is gone), so it is blind: the
+        new server sees a new connection. ``connect``'s HandshakeError (or cancellation by the
+        failover's deadline) propagates after the failure is recorded.
+        """
+        current = self._requests.get(client_id)
+        if current is not None:
+            if current.record.can_roll_back:
+                current.abandoned = f"{source} failed during the transfer"
+                current.scope.cancel()
+            with trio.move_on_after(2 * self.runtime.proxy.close_timeout):
+                await current.done.wait()
+        record = TransferRecord(
+            id=f"t-{self._prefix}-{next(self._ids)}",
+            client_id=client_id,
+            source=source,
+            target="",
+            reason=TransferReason.FAILOVER,
+            blind=True,
+        )
+        self.active[client_id] = record
+        record.advance(Phase.PREPARING)
         try:
-            with trio.move_on_at(deadline) as preparing:
-                await self._prepare(request)
-            if preparing.cancelled_caught:
-                raise _RollBack(f"timed out while {record.phase.value}")
-            if request.prepare_ttl is not None:
-                await self._wait_for_go(request)
-                deadline = trio.current_time() + timeout  # a used preparation gets a fresh budget
-            with trio.move_on_at(deadline):
-                await self._cut_over(request)
-            if not record.done and record.can_roll_back:
-                raise _RollBack(f"timed out while {record.phase.value}")
-            if record.phase is Phase.SWITCHED:
-                record.advance(Phase.COMPLETED)  # the source's side timed out: the client is safe
-        except _RollBack as exc:
-            await self._roll_back(request, exc.why)
+            link = await connect()
+        except BaseException as exc:
+            record.roll_back(getattr(exc, "reason", None) or "no game server answered in time")
+            raise
+        else:
+            record.target = link.backend.name
+            for phase in (Phase.PREPARED, Phase.HOLDING, Phase.SWITCHED, Phase.COMPLETED):
+                record.advance(phase)
+            return link
         finally:
-            if self.active.get(record.client_id) is record:
-                del self.active[record.client_id]
-            if self._requests.get(record.client_id) is request:
-                del self._requests[record.client_id]
-            stall = session.last_stall if record.phase is Phase.COMPLETED else None
-            request.outcome = TransferOutcome(
-                transfer=record.id,
-                client=record.client_id,
-                source=record.source,
-                target=record.target,
-                reason=record.reason.value,
-                committed=record.phase is Phase.COMPLETED,
-                blind=record.blind,
-                phase=record.phase.value,
-                failure=record.failure,
-                duration=record.duration,
-                stall=stall,
-                hold=_held_for(record),
-            )
-            self._account(request.outcome, session)
-            request.done.set()
+            if self.active.get(client_id) is record:
+                del self.active[client_id]
+            self._account(self._outcome(record), failover=True)
 
     async def _wait_for_go(self, request: _Request) -> None:
         """A preparation waits (up to its ttl) for the move to be asked for, or to be cancelled."""
@@ -470,9 +541,11 @@ class TransferCoordinator:
                 await session.retire_link(request.new_link, "transfer rolled back")
                 request.new_link = None
 
-    def _account(self, outcome: TransferOutcome, session: ClientSession) -> None:
+    def _account(self, outcome: TransferOutcome, *, failover: bool = False) -> None:
         metrics = self._metrics
         label = "committed" if outcome.committed else "rolled_back"
+        if failover and not outcome.committed:
+            label = "failed"  # nowhere to go: the client is closed with 1013
         if outcome.failure in _UNUSED_PREPARATION:
             # An unused preparation is the predictor changing its mind, not a failed transfer.
             label = _UNUSED_PREPARATION[outcome.failure]
@@ -486,7 +559,26 @@ class TransferCoordinator:
             "transfer": outcome.transfer,
             "outcome": "committed" if outcome.committed else "rolled_back",
         }
-        if label in _UNUSED_PREPARATION.values():
+        if failover:
+            if outcome.committed:
+                log.info(
+                    "client %s failed over from %s to %s in %.1f ms (transfer %s)",
+                    outcome.client,
+                    outcome.source,
+                    outcome.target,
+                    outcome.duration * 1000,
+                    outcome.transfer,
+                    extra=extra | {"event": "failover"},
+                )
+            else:
+                log.warning(
+                    "client %s lost %s and no game server can take it (%s): closing with 1013",
+                    outcome.client,
+                    outcome.source,
+                    outcome.failure,
+                    extra=extra | {"event": "failover"},
+                )
+        elif label in _UNUSED_PREPARATION.values():
             log.debug(
                 "transfer %s: preparation for %s %s", outcome.transfer, outcome.target, label, extra=extra
             )

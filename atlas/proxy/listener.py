@@ -162,10 +162,21 @@ class _Links:
     client_id: str
 
     async def open_link(self, exclude: frozenset[str]) -> BackendLink:
-        _backend, link = await _connect_backend(
-            self.runtime, self.request, client_ip=self.client_ip, client_id=self.client_id, exclude=exclude
-        )
-        return link
+        async def connect() -> BackendLink:
+            _backend, link = await _connect_backend(
+                self.runtime,
+                self.request,
+                client_ip=self.client_ip,
+                client_id=self.client_id,
+                exclude=exclude,
+            )
+            return link
+
+        transfers = self.runtime.transfers
+        if transfers is None:
+            return await connect()
+        # A failover runs through the transfer coordinator: its bookkeeping, its one-per-client rule.
+        return await transfers.fail_over(self.client_id, ",".join(sorted(exclude)), connect)
 
     async def open_link_to(self, backend: Backend, *, transfer: str, subprotocol: str | None) -> BackendLink:
         if not backend.available:
@@ -191,8 +202,10 @@ class _Links:
 
     def failed_over(self, session: ClientSession, old: BackendLink, new: BackendLink | None) -> None:
         metrics = self.runtime.metrics
+        metrics.failovers.labels("moved" if new is not None else "closed").inc()
+        if self.runtime.transfers is not None:
+            return  # the coordinator logged it, as a transfer with reason failover
         if new is None:
-            metrics.failovers.labels("closed").inc()
             log.warning(
                 "client %s lost %s and no game server can take it: closing with 1013",
                 session.client_id,
@@ -200,7 +213,6 @@ class _Links:
                 extra={"client": session.client_id, "server": old.backend.name, "event": "failover"},
             )
             return
-        metrics.failovers.labels("moved").inc()
         log.info(
             "client %s failed over from %s to %s",
             session.client_id,

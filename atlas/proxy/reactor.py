@@ -87,6 +87,7 @@ class Direction:
 
     __slots__ = (
         "attention",
+        "delivered",
         "dirty",
         "dst",
         "kind",
@@ -97,6 +98,7 @@ class Direction:
         "scanner",
         "sent",
         "src",
+        "taken",
         "task",
         "whole",
     )
@@ -107,6 +109,10 @@ class Direction:
         """Bytes received in this direction."""
         self.whole = True
         """The last chunk :meth:`take` returned starts and ends at message boundaries."""
+        self.taken = 0
+        """How many messages the last chunk :meth:`take` returned completes."""
+        self.delivered = 0
+        """Messages whose last byte was written to a destination (a chunk counts once written whole)."""
         self.attention = False
         """After :meth:`take`: the scanner stopped (Close, error) or reached its hold limit."""
         self.dirty = False
@@ -137,7 +143,9 @@ class Direction:
         scanner = self.scanner
         self.nbytes += len(data)
         whole = scanner.at_boundary
+        before = scanner.messages
         out = scanner.feed(data)
+        self.taken = scanner.messages - before
         self.whole = whole and scanner.at_boundary
         self.attention = bool(scanner.state) or scanner.messages >= scanner.limit
         return out
@@ -409,6 +417,7 @@ class Reactor:
             return
         sent += n
         if sent == len(out):
+            d.delivered += d.taken
             if d.out:
                 # A backlog drained: read the source again, stop watching the destination.
                 d.out = b""

@@ -120,7 +120,7 @@ class BackendLink:
     """The backend's side ended without a Close frame (a passive health signal)."""
     closed: bool = False
     up_base: int = 0
-    """The client's message count when this link became current (what it got = count - up_base)."""
+    """Client messages delivered to earlier links when this link became current (it got the rest)."""
     stall_from: float | None = None
     """When the previous link's last message was relayed (a transfer's cut), until this link's first."""
     on_first_message: Callable[[float], None] | None = None
@@ -134,7 +134,10 @@ class LinkProvider(Protocol):
     """What a session needs from the data plane to open and close backend links."""
 
     async def open_link(self, exclude: frozenset[str]) -> BackendLink:
-        """A link to the best available backend not in ``exclude``; raises HandshakeError (502/503)."""
+        """A failover's link: the best available backend not in ``exclude``; HandshakeError (502/503).
+
+        Atlas's provider runs it through the transfer coordinator (a transfer with reason failover).
+        """
         ...
 
     async def open_link_to(self, backend: Backend, *, transfer: str, subprotocol: str | None) -> BackendLink:
@@ -280,7 +283,7 @@ class ClientSession:
         while not (self.up.held and not self._up.dirty):
             await self._settled.wait()
             self._settled = trio.Event()
-        return self.up.messages - self.link.up_base
+        return self._up.delivered - self.link.up_base
 
     async def cut_backend(self, sent: int | None) -> None:
         """Relay the current link's messages up to its ``sent``-th (None: the next boundary), then stop."""
@@ -301,7 +304,7 @@ class ClientSession:
         """
         old = self.link
         self._down_before += old.scanner.messages
-        new.up_base = self.up.messages
+        new.up_base = self._up.delivered
         new.stall_from = trio.current_time()
         self.last_stall = None
         self._install(new)
@@ -470,7 +473,7 @@ class ClientSession:
                 data = b""
             if data is None:
                 # The hold was lifted: forward what was held to whichever link is current now.
-                out = scanner.feed(b"")
+                out = d.take(b"")
                 if out:
                     await self._send_up(out, True)
                 continue
@@ -501,6 +504,7 @@ class ClientSession:
             if kind is Handback.REVOKED and link is self.link and not link.lost:
                 await self._send_up(out, d.whole, sent)
             elif self._up_failed(link, d.whole):
+                d.dirty = True  # until it is resent: a transfer's hold must not count it yet
                 await self._send_up(out, True)
         return await self._after_up(b"", True)
 
@@ -565,7 +569,8 @@ class ClientSession:
 
         ``whole_messages``: ``out`` starts and ends at message boundaries, so if the link fails under it,
         it can be sent again to the new backend (the dead one processed none of it). ``sent``: how much
-        of ``out`` already went to the current link.
+        of ``out`` already went to the current link. ``out`` is the chunk the up direction took last:
+        once written whole, its messages count as delivered.
         """
         d = self._up
         while True:
@@ -576,11 +581,13 @@ class ClientSession:
             try:
                 await link.stream.send_all(memoryview(out)[sent:] if sent else out)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                d.dirty = False
                 if self._up_failed(link, whole_messages):
+                    # Still dirty: a transfer's hold must not count until this chunk is resent.
                     sent = 0
                     continue
+                d.dirty = False
                 return
+            d.delivered += d.taken
             d.dirty = False
             return
 
@@ -733,6 +740,7 @@ class ClientSession:
             if new is None:
                 self._end(Ending(EndKind.NO_BACKEND, CloseCode.TRY_AGAIN_LATER, "no game server available"))
                 return False
+            new.up_base = self._up.delivered  # what reaches the new link is counted from here
             self._install(new)
             self.failovers += 1
             if self.failover.notice:
