@@ -607,6 +607,14 @@ class SkimConfig:
     """Size of each analyzer's own channel."""
     tap_buffer: int = attrs.field(default=64, validator=_at_least(1))
     """Size of each live tap's channel (``GET /api/v1/clients/{id}/tap``)."""
+    batch_interval: float = attrs.field(default=0.01, validator=_seconds(allow_zero=True))
+    """Seconds the analyzers' fan-out pauses between two batches while frames keep coming (at most 1;
+    0: hand on each batch at once). Longer: less scheduling cost at high rates, later analysis."""
+
+    @batch_interval.validator
+    def _at_most_a_second(self, _attribute: attrs.Attribute[float], value: float) -> None:
+        if value > 1:
+            raise ValueError(f"must be <= 1 second, got {value}")
 
 
 @attrs.frozen

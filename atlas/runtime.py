@@ -105,6 +105,7 @@ class Runtime:
                 config.skim.buffer,
                 analyzer_buffer=config.skim.analyzer_buffer,
                 tap_buffer=config.skim.tap_buffer,
+                batch_interval=config.skim.batch_interval,
             )
         return cls(config=config, pool=pool, world=world_from_config(config.world), skim=skim)
 

@@ -39,6 +39,7 @@ from atlas.config import (
     write_default_config,
 )
 from atlas.errors import ConfigError
+from atlas.runtime import Runtime
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
@@ -576,3 +577,11 @@ def test_low_watermark_above_high_watermark() -> None:
     assert errors_of("[transfer]\nlow_watermark = 0.9\nhigh_watermark = 0.5\n") == [
         "transfer: low_watermark (0.9) must be <= high_watermark (0.5)"
     ]
+
+
+def test_skim_batch_interval_bounds() -> None:
+    assert errors_of("[skim]\nbatch_interval = 2\n") == ["skim.batch_interval: must be <= 1 second, got 2.0"]
+    assert errors_of("[skim]\nbatch_interval = -0.1\n") == ["skim.batch_interval: must be >= 0, got -0.1"]
+    skim = Runtime.from_config(Config.from_toml("[skim]\nbatch_interval = 0\n", source="t")).skim
+    assert skim is not None
+    assert skim.batch_interval == 0.0
