@@ -24,6 +24,7 @@ from atlas.world import Box, Cell, Grid, RegionConflict, Vec3, WorldMap
 if TYPE_CHECKING:
     from atlas.control.coordinator import TransferCoordinator
     from atlas.control.regions import RegionService
+    from atlas.control.relay import RelayService
 
 __all__ = ["Runtime", "world_from_config"]
 
@@ -67,6 +68,8 @@ class Runtime:
     """Regions of the game world and their owners (from the config and Horizon registrations)."""
     skim: Dispatcher | None = None
     """The skim tap's dispatcher (None when ``[skim] enabled = false``)."""
+    relay: RelayService | None = None
+    """The cross-server relay, once the supervisor started it."""
     regions: RegionService | None = None
     """The predictive region service, once the supervisor started it (needs skimming and a predictor)."""
     _remove_when_empty: set[str] = attrs.field(factory=set, init=False)

@@ -85,7 +85,9 @@ async def serve_atlas(
                 ops = await root.start(serve_ops, runtime)
             await root.start(serve_health_checks, runtime)
             # Before the channels: each channel hands its relay traffic to the hook the relay sets.
-            await root.start(lambda task_status: serve_relay(runtime, channels, task_status=task_status))
+            runtime.relay = await root.start(
+                lambda task_status: serve_relay(runtime, channels, task_status=task_status)
+            )
             await root.start(
                 lambda task_status: serve_control_channels(runtime, channels, task_status=task_status)
             )

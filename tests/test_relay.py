@@ -233,9 +233,12 @@ async def message_of(ws: trio_websocket.WebSocketConnection) -> str | bytes:
 
 
 async def test_server_to_server_arrives_in_order() -> None:
-    async with world() as (_atlas, (gs1, gs2, _gs3)):
+    async with world() as (atlas, (gs1, gs2, _gs3)):
         ids = [await gs1.send_to_server("gs-2", {"n": i}) for i in range(50)]
         got = [await next_of(gs2.relays) for _ in range(50)]
+        registry = atlas.runtime.metrics.registry
+        relayed = registry.get_sample_value("atlas_server_relay_messages_total", {"outcome": "relayed"})
+        assert relayed == 50
     assert len(set(ids)) == 50
     assert [m.payload for m in got] == [{"n": i} for i in range(50)]
     assert {(m.from_server, m.kind, m.client, m.point) for m in got} == {("gs-1", "server", None, None)}
@@ -347,7 +350,7 @@ async def test_sending_without_atlas_raises() -> None:
 
 
 async def test_handoff_completes_only_after_the_target_accepts() -> None:
-    async with world() as (_atlas, (gs1, gs2, gs3)):
+    async with world() as (atlas, (gs1, gs2, gs3)):
         gs2.gate = trio.Event()
         outcome: list[str] = []
 
@@ -373,6 +376,9 @@ async def test_handoff_completes_only_after_the_target_accepts() -> None:
         assert await gs2.hand_off("rock-1", gs2.objects.pop("rock-1"), to_server="gs-3") == "gs-3"
         assert gs3.objects == {"rock-1": {"hp": 7}}
         assert gs2.withdrawn.statistics().current_buffer_used == 0
+        registry = atlas.runtime.metrics.registry
+        assert registry.get_sample_value("atlas_object_handoffs_total", {"outcome": "acked"}) == 2
+        assert registry.get_sample_value("atlas_object_handoffs_in_progress") == 0
 
 
 async def test_handoff_rejections_leave_the_object_with_the_source() -> None:

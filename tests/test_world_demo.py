@@ -37,7 +37,7 @@ async def test_bots_cross_regions_without_losing_a_message() -> None:
     # seen: hence <=).
     assert probe.committed >= 1
     assert fleet.switches <= probe.committed
-    assert result.movement_dropped == 0
+    assert result.decisions_dropped == 0
     assert result.ok
 
 

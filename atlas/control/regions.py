@@ -51,8 +51,6 @@ class RegionService:
         self.runtime = runtime
         self.predictor = predictor
         self.transfers = transfers
-        #: Movements dropped before the predictor (none since it is called directly; kept for the metric).
-        self.dropped = 0
         #: Decisions dropped because `serve` had too many waiting (the predictor is told, so it retries).
         self.decisions_dropped = 0
         self._tracked: set[str] = set()

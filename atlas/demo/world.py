@@ -927,8 +927,8 @@ class DemoResult:
     held_p50: float | None
     """Client messages held during a switch, from ``atlas_transfer_held_messages`` (estimate)."""
     held_p99: float | None
-    movement_dropped: int
-    """Movement events the region service dropped (its queue was full)."""
+    decisions_dropped: int
+    """Predictor decisions the region service dropped (too many waiting for the coordinator)."""
     skim_dropped: int
     """Frames or events the skim pipeline dropped before the predictor (input channel, analyzers, sink)."""
     seconds: float
@@ -1081,7 +1081,7 @@ async def run_world_demo(
             stall_p99=_histogram_quantile(atlas, "atlas_transfer_stall_seconds", 0.99),
             held_p50=_histogram_quantile(atlas, "atlas_transfer_held_messages", 0.5),
             held_p99=_histogram_quantile(atlas, "atlas_transfer_held_messages", 0.99),
-            movement_dropped=regions.dropped,
+            decisions_dropped=regions.decisions_dropped,
             skim_dropped=0 if dispatcher is None else _skim_dropped(dispatcher.statistics()),
             seconds=elapsed,
         )

@@ -23,6 +23,7 @@ from atlas.pool import BackendState
 
 if TYPE_CHECKING:
     from atlas.control.regions import RegionService
+    from atlas.control.relay import RelayService
     from atlas.runtime import Runtime
     from atlas.skim import DispatcherStatistics
 
@@ -124,6 +125,8 @@ class _LiveCollector(Collector):
             yield from _skim_metrics(runtime.skim.statistics())
         if runtime.regions is not None:
             yield from _region_metrics(runtime.regions)
+        if runtime.relay is not None:
+            yield from _relay_metrics(runtime.relay)
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
@@ -180,7 +183,30 @@ def _region_metrics(regions: RegionService) -> Iterator[CounterMetricFamily | Ga
     preparations.add_metric(["cancelled"], stats.preparations_cancelled)
     yield preparations
     yield _counter(
-        "atlas_region_movements_dropped",
-        "Movement events dropped before the predictor (full queue).",
-        regions.dropped,
+        "atlas_region_decisions_dropped",
+        "Predictor decisions dropped: too many were waiting for the coordinator (it asks again).",
+        regions.decisions_dropped,
     )
+
+
+def _relay_metrics(relay: RelayService) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    stats = relay.statistics()
+    messages = CounterMetricFamily(
+        "atlas_server_relay_messages",
+        "Server-to-server relay traffic, by outcome (dropped: the relay's queue was full).",
+        labels=["outcome"],
+    )
+    messages.add_metric(["relayed"], stats.relayed)
+    messages.add_metric(["undeliverable"], stats.undeliverable)
+    messages.add_metric(["dropped"], stats.dropped)
+    yield messages
+    handoffs = CounterMetricFamily(
+        "atlas_object_handoffs", "Object handoffs between servers that ended, by outcome.", labels=["outcome"]
+    )
+    handoffs.add_metric(["acked"], stats.handoffs_acked)
+    handoffs.add_metric(["rejected"], stats.handoffs_rejected)
+    handoffs.add_metric(["withdrawn"], stats.handoffs_withdrawn)
+    yield handoffs
+    pending = GaugeMetricFamily("atlas_object_handoffs_in_progress", "Object handoffs under way.")
+    pending.add_metric([], stats.handoffs_in_progress)
+    yield pending
