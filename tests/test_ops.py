@@ -205,6 +205,7 @@ def test_list_and_get_servers() -> None:
             "name": "gs-1",
             "url": "ws://127.0.0.1:18080",
             "state": "healthy",
+            "accepting": True,
             "connections": 0,
             "capacity": 1000,
             "weight": 1,

@@ -10,8 +10,10 @@ until the connection drops, and connects again with exponential back-off (capped
 A :class:`ControlChannel` is only usable between ``welcome`` and the drop (``ready``). Replies to
 transfer steps are routed by transfer id: :meth:`ControlChannel.request` registers a one-slot memory
 channel for the id, sends, and waits (the caller bounds the wait). ``load`` reports are kept as
-``last_load``. A channel that drops fails every request waiting on it (:class:`ChannelClosed`), so a
-transfer in flight rolls back at once rather than at its deadline.
+``last_load``, and their ``accepting`` goes to the backend (``Backend.accepting``: the balancer, transfers
+and failovers pass over a server that takes no new players; reset when the channel drops). A channel that
+drops fails every request waiting on it (:class:`ChannelClosed`), so a transfer in flight rolls back at
+once rather than at its deadline.
 
 Cross-server traffic (``relay.*``, ``object.handoff``) goes to the ``on_relay`` hook, which the relay
 service (relay.py) sets. A target's answer to an ``object.offer`` is a reply like a transfer step's,
@@ -104,6 +106,7 @@ class ControlChannel:
         default=lambda _channel, _request: None
     )
     on_relay: Callable[[ControlChannel, RelayTraffic], None] = attrs.field(default=_no_relay)
+    on_load: Callable[[Load], None] = attrs.field(default=lambda _load: None)
     _waiting: dict[str, trio.MemorySendChannel[_Reply | None]] = attrs.field(factory=dict)
     # A refusal nobody was waiting for yet (a source rejecting at `notice`): kept for the next request.
     _early: dict[str, _Reply] = attrs.field(factory=dict)
@@ -141,6 +144,7 @@ class ControlChannel:
     def _dispatch(self, message: ServerMessage) -> None:
         if isinstance(message, Load):
             self.last_load = message
+            self.on_load(message)
             return
         if isinstance(message, Welcome):
             return
@@ -283,6 +287,7 @@ async def _serve_one(runtime: Runtime, channels: ControlChannels, backend: str, 
                 welcome=first,
                 on_request=channels.on_request,
                 on_relay=channels.on_relay,
+                on_load=lambda load: _set_accepting(runtime, backend, load.accepting),
             )
             channels._set(channel)
             log.info("control channel of %s up (%s)", backend, first.server, extra={"server": backend})
@@ -291,6 +296,7 @@ async def _serve_one(runtime: Runtime, channels: ControlChannels, backend: str, 
             finally:
                 channel._drop()
                 channels._unset(channel)
+                _set_accepting(runtime, backend, True)
                 log.info("control channel of %s down", backend, extra={"server": backend})
         except trio_websocket.ConnectionClosed:
             pass
@@ -300,6 +306,20 @@ async def _serve_one(runtime: Runtime, channels: ControlChannels, backend: str, 
                 # trio-websocket 0.12 leaves its socket open when the server closed first.
                 await trio.aclose_forcefully(ws._stream)
             nursery.cancel_scope.cancel()
+
+
+def _set_accepting(runtime: Runtime, name: str, accepting: bool) -> None:
+    """Apply a server's ``accepting`` (from its load reports) to its backend: the balancer reads it."""
+    backend = runtime.pool.get(name)
+    if backend is None or backend.accepting is accepting:
+        return
+    backend.accepting = accepting
+    if accepting:
+        log.info("%s accepts new players again", name, extra={"server": name, "event": "accepting"})
+    else:
+        log.info(
+            "%s takes no new players (its load report)", name, extra={"server": name, "event": "accepting"}
+        )
 
 
 async def _read(channel: ControlChannel) -> None:

@@ -239,6 +239,8 @@ class TransferCoordinator:
             why = backend.state.value
             if backend.connections >= backend.capacity:
                 why = f"full, {backend.connections}/{backend.capacity}"
+            elif not backend.accepting:
+                why = "not accepting new players"
             raise TransferRefused(f"{target} cannot take a client now ({why})")
         blind = self.channels.get(source.name) is None or self.channels.get(target) is None
         record = TransferRecord(

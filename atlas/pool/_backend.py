@@ -90,6 +90,9 @@ class Backend:
     connections: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     control_url: str = ""
     """The server's control endpoint (``ws://``/``wss://``); empty for a plain server."""
+    accepting: bool = True
+    """The server's own word, from its control channel's ``load`` reports: False while it takes no new
+    players. Back to True when the channel drops (a plain server cannot say)."""
 
     @classmethod
     def from_url(
@@ -158,8 +161,8 @@ class Backend:
 
     @property
     def available(self) -> bool:
-        """Whether the backend can take one more client: `HEALTHY` and below capacity."""
-        return self.state is BackendState.HEALTHY and self.connections < self.capacity
+        """Whether the backend can take one more client: `HEALTHY`, accepting and below capacity."""
+        return self.state is BackendState.HEALTHY and self.accepting and self.connections < self.capacity
 
     @property
     def load(self) -> float:
