@@ -7,7 +7,7 @@ cancel scope of their own, so accepting can stop while sessions carry on), one t
 and the idle sweeper, and the reactor that relays the plain-socket sessions (atlas.proxy.reactor). Each client
 task runs :func:`handle_client`:
 
-1. read the client's upgrade request (h11), within ``handshake_timeout``;
+1. read the client's upgrade request (atlas.proxy.handshake), within ``handshake_timeout``;
 2. pick a backend with the pool's balancer and open Atlas's own WebSocket to it, trying up to
    ``connect_attempts`` distinct backends, each within ``connect_timeout``; nothing available answers
    503 with ``Retry-After``, all attempts failing answers 502;
@@ -26,7 +26,6 @@ import logging
 from typing import TYPE_CHECKING
 
 import attrs
-import h11
 import trio
 
 from atlas.errors import HandshakeError, StartupError
@@ -35,9 +34,10 @@ from atlas.proxy.handshake import (
     BackendHandshake,
     UpgradeRequest,
     accept_response,
-    backend_request_headers,
+    backend_request,
     backend_target,
-    open_backend,
+    client_request_part,
+    open_backend_request,
     receive_upgrade,
     reject_response,
 )
@@ -90,12 +90,8 @@ _REFUSAL_REASONS = {
 }
 
 
-async def _refuse(
-    stream: trio.abc.Stream, conn: h11.Connection | None, exc: HandshakeError, retry_after: int
-) -> None:
-    data = reject_response(
-        conn, exc.status, exc.reason, retry_after=retry_after if exc.status == 503 else None
-    )
+async def _refuse(stream: trio.abc.Stream, exc: HandshakeError, retry_after: int) -> None:
+    data = reject_response(exc.status, exc.reason, retry_after=retry_after if exc.status == 503 else None)
     with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await stream.send_all(data)
 
@@ -257,24 +253,21 @@ async def _handshake_backend(
     transfer: str | None,
 ) -> BackendLink:
     config = runtime.proxy
-    headers = backend_request_headers(
-        request,
+    data, key = backend_request(
+        backend_target(backend.path, request.target),
         host=backend.host,
         port=backend.port,
         secure=backend.secure,
-        client_ip=client_ip,
-        client_id=client_id,
-        client_secure=False,
+        client_part=client_request_part(request, client_ip, client_id),
         extra=[(b"x-atlas-transfer", transfer.encode("ascii"))] if transfer else (),
     )
-    target = backend_target(backend.path, request.target)
     shake: BackendHandshake | None = None
     with trio.move_on_after(config.connect_timeout):
-        shake = await open_backend(
+        shake = await open_backend_request(
             backend.host,
             backend.port,
-            target,
-            headers,
+            data,
+            key,
             ssl_context=runtime.backend_ssl_context() if backend.secure else None,
         )
     if shake is None:
@@ -372,11 +365,11 @@ async def _handshake(
     """
     config = runtime.proxy
     clients = runtime.clients
-    conn: h11.Connection | None = None
+    request: UpgradeRequest | None = None
     refusal: HandshakeError | None = None
     try:
         with trio.fail_after(config.handshake_timeout):
-            request, conn = await receive_upgrade(stream)
+            request, pending = await receive_upgrade(stream)
             if not runtime.accepting:
                 raise HandshakeError(503, "Atlas is shutting down")
             # Clients still handshaking count too, or a burst could overshoot the limit.
@@ -384,8 +377,7 @@ async def _handshake(
                 raise HandshakeError(503, "too many connections")
             backend, link = await _connect_backend(runtime, request, client_ip=client_ip, client_id=client_id)
             try:
-                response, pending = accept_response(conn, request, subprotocol=link.subprotocol)
-                await stream.send_all(response)
+                await stream.send_all(accept_response(request, subprotocol=link.subprotocol))
             except BaseException:
                 runtime.release(backend)
                 await trio.aclose_forcefully(link.stream)
@@ -394,7 +386,7 @@ async def _handshake(
     except HandshakeError as exc:
         refusal = exc if exc.status else None
     except trio.TooSlowError:
-        if conn is not None and conn.our_state is h11.SEND_RESPONSE:
+        if request is not None:
             refusal = HandshakeError(504, "handshake timed out")
         else:
             log.info(
@@ -417,7 +409,7 @@ async def _handshake(
             refusal.reason,
             extra={"client": client_id, "peer": peer, "event": "refused", "status": refusal.status},
         )
-        await _refuse(stream, conn, refusal, config.retry_after)
+        await _refuse(stream, refusal, config.retry_after)
     await trio.aclose_forcefully(stream)
     return None
 
