@@ -61,7 +61,7 @@ import trio
 
 from atlas.errors import HandshakeError
 from atlas.proxy.frames import NO_LIMIT, OP_TEXT, CloseCode, FrameScanner, ScanState, build_close, build_frame
-from atlas.proxy.reactor import Direction, Handback, Reactor, socket_fd
+from atlas.proxy.reactor import Direction, Handback, Reactor, close_now, socket_fd
 
 if TYPE_CHECKING:
     from atlas.config import FailoverConfig
@@ -378,7 +378,8 @@ class ClientSession:
         finally:
             if self._reactor is not None:
                 self._reactor.forget(self._client_fd, (self._up, self._down))
-            await trio.aclose_forcefully(self.client_stream)
+            if not close_now(self.client_stream):
+                await trio.aclose_forcefully(self.client_stream)
             await self._close_link(self.link)
         return self.ending
 
@@ -388,7 +389,8 @@ class ClientSession:
             link.scope.cancel()
             if self._reactor is not None:
                 self._reactor.forget(socket_fd(link.stream), (self._up, self._down))
-            await trio.aclose_forcefully(link.stream)
+            if not close_now(link.stream):
+                await trio.aclose_forcefully(link.stream)
             self.provider.link_closed(link)
 
     # -- lending directions to the reactor ---------------------------------------------------------
