@@ -43,6 +43,7 @@ import attrs
 import trio
 
 from atlas.errors import HandshakeError
+from atlas.proxy import reactor
 
 __all__ = [
     "BackendHandshake",
@@ -341,7 +342,7 @@ async def receive_upgrade(stream: trio.abc.Stream) -> tuple[UpgradeRequest, byte
     data = b""
     while True:
         try:
-            chunk = await stream.receive_some(_RECEIVE_SIZE)
+            chunk = await reactor.receive_some(stream, _RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise HandshakeError(0, f"client went away: {exc}") from None
         if not chunk:
@@ -612,7 +613,7 @@ async def _connect(host: str, port: int) -> trio.SocketStream:
 
 async def _client_handshake(stream: trio.abc.Stream, request: bytes, key: bytes) -> BackendHandshake:
     try:
-        await stream.send_all(request)
+        await reactor.send_all(stream, request)
         data = b""
         while True:
             chunk = await stream.receive_some(_RECEIVE_SIZE)

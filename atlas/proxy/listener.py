@@ -45,7 +45,7 @@ from atlas.proxy.handshake import (
     receive_upgrade,
     reject_response,
 )
-from atlas.proxy.reactor import PrependedStream, Reactor, close_now, serve_reactor
+from atlas.proxy.reactor import PrependedStream, Reactor, close_now, send_all, serve_reactor
 from atlas.proxy.session import BackendLink, ClientSession, Ending
 from atlas.proxy.tap import SkimTaps
 from atlas.world import Vec3
@@ -383,7 +383,7 @@ async def _handshake(
                 raise HandshakeError(503, "too many connections")
             backend, link = await _connect_backend(runtime, request, client_ip=client_ip, client_id=client_id)
             try:
-                await stream.send_all(accept_response(request, subprotocol=link.subprotocol))
+                await send_all(stream, accept_response(request, subprotocol=link.subprotocol))
             except BaseException:
                 runtime.release(backend)
                 await trio.aclose_forcefully(link.stream)

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
@@ -61,7 +62,7 @@ import trio
 
 from atlas.errors import HandshakeError
 from atlas.proxy.frames import NO_LIMIT, OP_TEXT, CloseCode, FrameScanner, ScanState, build_close, build_frame
-from atlas.proxy.reactor import Direction, Handback, Reactor, close_now, socket_fd
+from atlas.proxy.reactor import Direction, Handback, Reactor, close_now, send_all, socket_fd
 
 if TYPE_CHECKING:
     from atlas.config import FailoverConfig
@@ -428,10 +429,46 @@ class ClientSession:
                 assert self._reactor is not None
                 await self._reactor.relay_pair(self._up, fds[0], fds[1], self._down, fds[1], fds[0])
                 first_up, first_down = self._up.kind, self._down.kind
+                if first_down is Handback.REVOKED and not self._down.out:
+                    first_up = self._client_first(first_up, fds[1])
+                    if first_up is None:
+                        # The up direction is finished: the down pump runs in this task (no nursery).
+                        await self._pump_down(link, first_down)
+                        return
         async with trio.open_nursery() as nursery:
             if up_open:
                 nursery.start_soon(self._pump_up, link, first_up)
             nursery.start_soon(self._pump_down, link, first_down)
+
+    def _client_first(self, kind: Handback, backend_fd: int) -> Handback | None:
+        """The common first handbacks, where the client ends the session, acted on without the pumps.
+
+        ``kind`` is what the reactor gave back of the up direction (the down one was only revoked).
+        The client left without a Close: the session ends (None). The client sent a Close: it goes to
+        the backend now if the socket takes the whole chunk at once, and the up direction is finished
+        (None); else the up pump sends the rest as after a revocation. Returns the handback the up pump
+        starts from, or None when there is nothing left for it to do.
+        """
+        if kind is Handback.EOF:
+            self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
+            return None
+        if kind is not Handback.FED or self.up.state is not ScanState.CLOSED or self.up.limit != NO_LIMIT:
+            return kind
+        d = self._up
+        try:
+            sent = os.write(backend_fd, d.out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return Handback.REVOKED  # the up pump's send meets the error and acts on it
+        if sent < len(d.out):
+            d.sent = sent
+            d.dirty = sent > 0
+            return Handback.REVOKED
+        d.out = b""
+        self._closed_to_backend = True
+        self._close_relayed()
+        return None
 
     def _lendable_down(self, link: BackendLink) -> bool:
         return (
@@ -571,7 +608,7 @@ class ClientSession:
             link = self.link
             d.dirty = True
             try:
-                await link.stream.send_all(memoryview(out)[sent:] if sent else out)
+                await send_all(link.stream, memoryview(out)[sent:] if sent else out)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 d.dirty = False
                 if self._up_failed(link, whole_messages):
@@ -699,7 +736,7 @@ class ClientSession:
         d = self._down
         d.dirty = True
         try:
-            await self.client_stream.send_all(out)
+            await send_all(self.client_stream, out)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
             return False
