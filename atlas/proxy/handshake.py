@@ -616,7 +616,7 @@ async def _client_handshake(stream: trio.abc.Stream, request: bytes, key: bytes)
         await reactor.send_all(stream, request)
         data = b""
         while True:
-            chunk = await stream.receive_some(_RECEIVE_SIZE)
+            chunk = await reactor.receive_some(stream, _RECEIVE_SIZE)
             if not chunk:
                 raise HandshakeError(502, "backend closed during the handshake")
             data = data + chunk if data else bytes(chunk)
