@@ -12,10 +12,12 @@ task lends both directions to it (``relay_pair``) and sleeps: the reactor moves 
 session from one task, and an idle session costs one parked task. The first time the reactor gives a
 direction back (a Close frame, a protocol error, EOF, a broken destination, a transfer step or a failover
 taking it back) the session starts two pump tasks in a nursery it owns, which run the logic below with
-trio awaits and lend their direction again whenever plain relaying resumes. Streams the reactor cannot
-reach (memory streams, TLS, a backend's early bytes) are relayed by the pumps themselves; both paths
-scan with the same step (:meth:`~atlas.proxy.reactor.Direction.take`) and finish a chunk that needs the
-session with the same code.
+trio awaits and lend their direction again whenever plain relaying resumes. When that first handback is
+the client ending the session (its Close frame, which the backend socket takes at once, or EOF), only
+the down direction is left and the session task runs the down pump itself, with no nursery. Streams the
+reactor cannot reach (memory streams, TLS, a backend's early bytes) are relayed by the pumps themselves;
+both paths scan with the same step (:meth:`~atlas.proxy.reactor.Direction.take`) and finish a chunk that
+needs the session with the same code.
 
 Either way whole chunks move: one read may carry many frames and they leave with one write. The scanners
 validate and delimit frames but never copy a chunk of complete frames (frames/_scanner doc).
