@@ -21,7 +21,7 @@ import atlas.proxy.reactor as reactor_module
 import atlas.proxy.session as session_module
 from atlas.config import FailoverConfig
 from atlas.pool import Backend
-from atlas.proxy.frames import OP_BINARY, OP_TEXT, FrameScanner, build_close, build_frame
+from atlas.proxy.frames import OP_BINARY, OP_TEXT, FrameScanner, ScanState, build_close, build_frame
 from atlas.proxy.reactor import Direction, Handback, PrependedStream, Reactor, socket_fd
 from atlas.proxy.session import BackendLink, ClientSession, EndKind
 
@@ -638,3 +638,25 @@ async def test_helpers_fall_back_to_the_stream_api() -> None:
     assert reactor_module.close_now(PrependedStream(a, b"head"))
     assert a.socket.fileno() == -1
     await b.aclose()
+
+
+async def test_client_close_waits_for_a_failover_that_began_before_the_session_task_ran() -> None:
+    """A failover begun between the handback and the session task: the Close is the up pump's, to
+    be sent to the new link once there is one; nothing is written to the lost one."""
+    async with running_reactor() as reactor:
+        client_peer, client = await tcp_pair()
+        link_stream, backend_peer = await tcp_pair()
+        session = reactor_session(reactor, client, link_stream)
+        close = build_close(1000, "done", mask=True)
+        session._up.out = session._up.take(close)
+        assert session.up.state is ScanState.CLOSED
+        session.fail_over()
+        fd = socket_fd(link_stream)
+        assert fd is not None
+        assert session._client_first(Handback.FED, fd) is Handback.FED
+        assert session._up.out == close
+        with trio.move_on_after(0.05) as waited:
+            await backend_peer.receive_some()
+        assert waited.cancelled_caught  # nothing reached the lost backend
+        for stream in (client_peer, client, link_stream, backend_peer):
+            await stream.aclose()

@@ -434,8 +434,10 @@ class ClientSession:
                 if first_down is Handback.REVOKED and not self._down.out:
                     first_up = self._client_first(first_up, fds[1])
                     if first_up is None:
-                        # The up direction is finished: the down pump runs in this task (no nursery).
-                        await self._pump_down(link, first_down)
+                        # The up direction is finished: the down pump runs in this task (no nursery),
+                        # unless the session already ended.
+                        if self.ending is None:
+                            await self._pump_down(link, first_down)
                         return
         async with trio.open_nursery() as nursery:
             if up_open:
@@ -454,7 +456,13 @@ class ClientSession:
         if kind is Handback.EOF:
             self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
             return None
-        if kind is not Handback.FED or self.up.state is not ScanState.CLOSED or self.up.limit != NO_LIMIT:
+        if (
+            kind is not Handback.FED
+            or self.up.state is not ScanState.CLOSED
+            or self.up.limit != NO_LIMIT
+            or self._switching is not None  # a failover began meanwhile: the Close waits for the new link
+            or self.link.lost
+        ):
             return kind
         d = self._up
         try:
