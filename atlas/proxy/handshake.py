@@ -129,24 +129,50 @@ def _incomplete(data: bytes, what: str) -> None:
         raise HandshakeError(431, f"bad HTTP {what}: Receive buffer too long")
 
 
+_FRAMING = frozenset((b"content-length", b"transfer-encoding"))
+
+
 def _header_fields(lines: list[bytes], what: str) -> list[tuple[bytes, bytes]]:
-    """Parse and validate header lines (``lines[1:]`` of a head) into ``(lower-case name, value)``."""
-    folded: list[bytes] = []
+    """Parse and validate header lines (``lines[1:]`` of a head) into ``(lower-case name, value)``.
+
+    In h11's order: continuation lines joined, every line checked, then the framing headers.
+    """
+    if any(line[:1] in (b" ", b"\t") for line in lines):
+        lines = _unfold(lines, what)
+    fields: list[tuple[bytes, bytes]] = []
+    framing = False
+    match_field = _HEADER_FIELD.fullmatch
+    for line in lines[1:]:
+        match = match_field(line)
+        if match is None:
+            raise HandshakeError(400, f"bad HTTP {what}: illegal header line: {line!r}")
+        name, value = match.groups()
+        name = name.lower()
+        if name in _FRAMING:
+            framing = True
+        fields.append((name, value))
+    return _check_framing(fields, what) if framing else fields
+
+
+def _unfold(lines: list[bytes], what: str) -> list[bytes]:
+    """``lines`` with each continuation line (obsolete line folding) joined to the one before, by a space."""
+    folded = lines[:1]
     for line in lines[1:]:
         match = _FOLD.match(line)
         if match is None:
             folded.append(line)
-        elif not folded:
+        elif len(folded) == 1:
             raise HandshakeError(400, f"bad HTTP {what}: continuation line at start of headers")
         else:
             folded[-1] += b" " + line[match.end() :]
-    fields: list[tuple[bytes, bytes]] = []
-    for line in folded:
-        match = _HEADER_FIELD.fullmatch(line)
-        if match is None:
-            raise HandshakeError(400, f"bad HTTP {what}: illegal header line: {line!r}")
-        fields.append((match["name"].lower(), match["value"]))
-    # Then the framing headers, as h11 did once every line had parsed.
+    return folded
+
+
+def _check_framing(fields: list[tuple[bytes, bytes]], what: str) -> list[tuple[bytes, bytes]]:
+    """Content-Length and Transfer-Encoding checked and normalised as h11 did.
+
+    A repeated equal Content-Length is kept once.
+    """
     content_length: bytes | None = None
     chunked = False
     checked: list[tuple[bytes, bytes]] = []
@@ -292,24 +318,27 @@ def _tokens(value: bytes | None) -> list[bytes]:
 
 def check_upgrade(head: RequestHead) -> UpgradeRequest:
     """Check a request head against RFC 6455 section 4.2.1; raise :class:`HandshakeError` if it fails."""
-    found = UpgradeRequest(target=head.target, key=b"", subprotocols=(), headers=head.headers)
+    # Each header's value, repeated ones joined with ", " (UpgradeRequest.header), in one pass.
+    joined: dict[bytes, bytes] = {}
+    for name, value in head.headers:
+        joined[name] = joined[name] + b", " + value if name in joined else value
     if head.method != b"GET":
         raise HandshakeError(405, "WebSocket upgrade must use GET")
     if head.version != b"1.1":
         raise HandshakeError(400, "WebSocket upgrade needs HTTP/1.1")
-    if b"websocket" not in _tokens(found.header(b"upgrade")):
+    if b"websocket" not in _tokens(joined.get(b"upgrade")):
         raise HandshakeError(426, "this is a WebSocket endpoint: send an Upgrade: websocket request")
-    if b"upgrade" not in _tokens(found.header(b"connection")):
+    if b"upgrade" not in _tokens(joined.get(b"connection")):
         raise HandshakeError(400, "missing Connection: Upgrade")
-    if found.header(b"sec-websocket-version") != b"13":
+    if joined.get(b"sec-websocket-version") != b"13":
         raise HandshakeError(426, "unsupported Sec-WebSocket-Version (13 is supported)")
-    key = found.header(b"sec-websocket-key") or b""
+    key = joined.get(b"sec-websocket-key") or b""
     try:
         if len(base64.b64decode(key, validate=True)) != 16:
             raise ValueError
     except (ValueError, binascii.Error):
         raise HandshakeError(400, "invalid Sec-WebSocket-Key") from None
-    offered = found.header(b"sec-websocket-protocol")
+    offered = joined.get(b"sec-websocket-protocol")
     subprotocols = tuple(token.decode("ascii", "replace") for token in _tokens_raw(offered))
     return UpgradeRequest(target=head.target, key=key, subprotocols=subprotocols, headers=head.headers)
 
