@@ -615,13 +615,23 @@ def _numeric_family(host: str) -> int | None:
     return socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
 
+def _connected(sock: socket.socket) -> bool:
+    """Whether a connect still reported in progress is in fact complete (the socket has a peer)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 async def _connect(host: str, port: int) -> trio.SocketStream:
     """A TCP connection to ``host``; a numeric address is connected to directly.
 
     ``trio.open_tcp_stream`` resolves names and races the addresses (happy eyeballs) in a nursery of its
     own: worth it for a name, pure overhead for an IP address, and backends are mostly given as one.
-    The direct path is a non-blocking ``connect`` and one wait for the socket to become writable (no
-    resolver call, no thread).
+    The direct path is a non-blocking ``connect`` and, unless the connection is up already when the
+    call returns (as on loopback, where the kernel completes it within the call), one wait for the
+    socket to become writable: no resolver call, no thread.
     """
     family = _numeric_family(host)
     if family is None:
@@ -630,8 +640,11 @@ async def _connect(host: str, port: int) -> trio.SocketStream:
     try:
         error = sock.connect_ex((host, port))
         if error == errno.EINPROGRESS:
-            await trio.lowlevel.wait_writable(sock)
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if _connected(sock):
+                error = 0
+            else:
+                await trio.lowlevel.wait_writable(sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             raise OSError(error, os.strerror(error))
     except BaseException:
