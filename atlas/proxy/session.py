@@ -205,6 +205,8 @@ class ClientSession:
         self.ending: Ending | None = None
         self._pending = pending
         self._relay_scope = trio.CancelScope()
+        # The session task, while it runs the down pump itself (no nursery): see _end.
+        self._solo: trio.lowlevel.Task | None = None
         # Whether a Close frame (relayed, or Atlas's own) has gone out to each side.
         self._closed_to_backend = False
         self._closed_to_client = False
@@ -360,7 +362,10 @@ class ClientSession:
     def _end(self, ending: Ending) -> None:
         if self.ending is None:
             self.ending = self._client_error or ending
-        self._relay_scope.cancel()
+        # The session task running the only pump ends the session only on its way out of the relay
+        # scope (every such call returns without awaiting): nothing is left to interrupt.
+        if self._solo is None or self._solo is not trio.lowlevel.current_task():
+            self._relay_scope.cancel()
 
     async def run(self) -> Ending:
         """Relay until the session ends, close both streams, and return how it ended."""
@@ -383,13 +388,16 @@ class ClientSession:
                 self._reactor.forget(self._client_fd, (self._up, self._down))
             if not close_now(self.client_stream):
                 await trio.aclose_forcefully(self.client_stream)
-            await self._close_link(self.link)
+            # The relay scope is closed: no pump runs in the link's scope any more.
+            await self._close_link(self.link, pumped=False)
         return self.ending
 
-    async def _close_link(self, link: BackendLink) -> None:
+    async def _close_link(self, link: BackendLink, *, pumped: bool = True) -> None:
+        """Close ``link`` for good; ``pumped``: its down pump may still run in its scope (cancel it)."""
         if not link.closed:
             link.closed = True
-            link.scope.cancel()
+            if pumped:
+                link.scope.cancel()
             if self._reactor is not None:
                 self._reactor.forget(socket_fd(link.stream), (self._up, self._down))
             if not close_now(link.stream):
@@ -437,6 +445,7 @@ class ClientSession:
                         # The up direction is finished: the down pump runs in this task (no nursery),
                         # unless the session already ended.
                         if self.ending is None:
+                            self._solo = trio.lowlevel.current_task()
                             await self._pump_down(link, first_down)
                         return
         async with trio.open_nursery() as nursery:
