@@ -1,7 +1,7 @@
 """Atlas's exception hierarchy.
 
-Library exceptions (OSError, h11, trio's BrokenResourceError, ...) are translated into these at the I/O
-edge, so the rest of Atlas handles a small, named set of failures.
+Library exceptions (OSError, trio's BrokenResourceError, ...) and malformed HTTP are translated into these
+at the I/O edge, so the rest of Atlas handles a small, named set of failures.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from atlas.proxy.handshake import (
     _client_handshake,
     accept_response,
     backend_request_headers,
+    encode_request,
     receive_upgrade,
     reject_response,
 )
@@ -55,7 +56,7 @@ def raw_request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-async def receive(raw: bytes, *, eof: bool = False) -> tuple[UpgradeRequest, h11.Connection]:
+async def receive(raw: bytes, *, eof: bool = False) -> tuple[UpgradeRequest, bytes]:
     """Run :func:`receive_upgrade` on ``raw`` sent by a client (which then closes, if ``eof``)."""
     client, server = memory_stream_pair()
     await client.send_all(raw)
@@ -78,7 +79,7 @@ async def test_valid_request_from_wsproto_is_parsed() -> None:
         )
     )
 
-    request, conn = await receive(raw)
+    request, trailing = await receive(raw)
 
     assert request.target == b"/play?room=7&name=a%20b"
     assert request.subprotocols == ("game.v2", "Chat")
@@ -86,7 +87,7 @@ async def test_valid_request_from_wsproto_is_parsed() -> None:
     assert request.header(b"origin") == b"https://game.example"
     assert request.header(b"host") == b"game.example"
     assert request.header(b"x-missing") is None
-    assert conn.our_state is h11.SEND_RESPONSE
+    assert trailing == b""
 
 
 async def test_header_tokens_are_case_insensitive_and_lists() -> None:
@@ -97,7 +98,7 @@ async def test_header_tokens_are_case_insensitive_and_lists() -> None:
             ("sec-websocket-protocol", " a ,, b"),
         ]
     )
-    request, _conn = await receive(raw)
+    request, _trailing = await receive(raw)
     assert request.key == KEY
     assert request.subprotocols == ("a", "b")
 
@@ -106,7 +107,7 @@ async def test_repeated_headers_are_joined() -> None:
     raw = raw_request().replace(
         b"\r\n\r\n", b"\r\nsec-websocket-protocol: one\r\nsec-websocket-protocol: two\r\n\r\n"
     )
-    request, _conn = await receive(raw)
+    request, _trailing = await receive(raw)
     assert request.subprotocols == ("one", "two")
     assert request.header(b"sec-websocket-protocol") == b"one, two"
 
@@ -179,7 +180,7 @@ async def test_request_arriving_in_pieces_is_reassembled() -> None:
                 await wait_all_tasks_blocked()
 
         nursery.start_soon(dribble)
-        request, _conn = await receive_upgrade(server)
+        request, _trailing = await receive_upgrade(server)
     assert request.target == b"/play?room=7"
 
 
@@ -189,11 +190,9 @@ async def test_request_arriving_in_pieces_is_reassembled() -> None:
 async def test_accept_response_completes_a_wsproto_client_handshake() -> None:
     ws = WSConnection(ConnectionType.CLIENT)
     raw = ws.send(Request(host="game.example", target="/", subprotocols=["game.v1", "game.v2"]))
-    request, conn = await receive(raw)
+    request, trailing = await receive(raw)
 
-    data, trailing = accept_response(
-        conn, request, subprotocol="game.v2", extra_headers=[(b"x-atlas-node", b"n1")]
-    )
+    data = accept_response(request, subprotocol="game.v2", extra_headers=[(b"x-atlas-node", b"n1")])
 
     assert trailing == b""
     ws.receive_data(data)
@@ -219,8 +218,8 @@ async def test_accept_response_completes_a_wsproto_client_handshake() -> None:
 
 async def test_accept_response_without_subprotocol_sends_none() -> None:
     ws = WSConnection(ConnectionType.CLIENT)
-    request, conn = await receive(ws.send(Request(host="h", target="/")))
-    data, _trailing = accept_response(conn, request, subprotocol=None)
+    request, _trailing = await receive(ws.send(Request(host="h", target="/")))
+    data = accept_response(request, subprotocol=None)
     assert b"sec-websocket-protocol" not in data.lower()
     ws.receive_data(data)
     (event,) = list(ws.events())
@@ -233,8 +232,8 @@ async def test_bytes_sent_right_after_the_request_are_handed_back() -> None:
     raw = ws.send(Request(host="h", target="/"))
     frames = build_frame(OP_TEXT, b"early", mask=True) + build_frame(OP_BINARY, b"\x00" * 300, mask=True)
 
-    request, conn = await receive(raw + frames)
-    data, trailing = accept_response(conn, request, subprotocol=None)
+    request, trailing = await receive(raw + frames)
+    data = accept_response(request, subprotocol=None)
 
     assert trailing == frames
     assert data.startswith(b"HTTP/1.1 101 ")
@@ -269,7 +268,7 @@ def parse_rejection(data: bytes) -> tuple[h11.Response, bytes]:
 
 @pytest.mark.parametrize("retry_after", [None, 30])
 async def test_reject_response_without_a_parsed_request(retry_after: int | None) -> None:
-    data = reject_response(None, 503, "no backend available", retry_after=retry_after)
+    data = reject_response(503, "no backend available", retry_after=retry_after)
 
     response, body = parse_rejection(data)
 
@@ -285,12 +284,11 @@ async def test_reject_response_without_a_parsed_request(retry_after: int | None)
         assert headers[b"retry-after"] == b"30"
 
 
-async def test_reject_response_answers_a_parsed_request_through_its_connection() -> None:
+async def test_reject_response_answers_a_parsed_request() -> None:
     ws = WSConnection(ConnectionType.CLIENT)
-    request, conn = await receive(ws.send(Request(host="h", target="/")))
-    del request
+    await receive(ws.send(Request(host="h", target="/")))
 
-    data = reject_response(conn, 503, "all game servers are full\n", retry_after=5)
+    data = reject_response(503, "all game servers are full\n", retry_after=5)
 
     # wsproto, the client that sent the request, sees a rejection.
     ws.receive_data(data)
@@ -303,7 +301,7 @@ async def test_reject_response_answers_a_parsed_request_through_its_connection()
 
 
 async def test_reject_426_names_the_supported_version() -> None:
-    response, _body = parse_rejection(reject_response(None, 426, "upgrade required"))
+    response, _body = parse_rejection(reject_response(426, "upgrade required"))
     headers = dict(response.headers)
     assert response.status_code == 426
     assert headers[b"upgrade"] == b"websocket"
@@ -452,7 +450,7 @@ async def handshake_with(backend: Backend) -> BackendHandshake | HandshakeError:
         nursery.start_soon(backend, backend_side)
         try:
             result = await _client_handshake(
-                atlas_side, b"/play?room=7", headers, dict(headers)[b"sec-websocket-key"]
+                atlas_side, encode_request(b"/play?room=7", headers), dict(headers)[b"sec-websocket-key"]
             )
         except HandshakeError as exc:
             result = exc

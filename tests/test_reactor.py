@@ -6,7 +6,9 @@ itself: ``src_peer`` writes into the source socket, ``dst_peer`` reads what the 
 
 from __future__ import annotations
 
+import os
 import socket
+import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,9 +17,11 @@ import pytest
 import trio
 import trio.testing
 
+import atlas.proxy.reactor as reactor_module
+import atlas.proxy.session as session_module
 from atlas.config import FailoverConfig
 from atlas.pool import Backend
-from atlas.proxy.frames import OP_BINARY, OP_TEXT, FrameScanner, build_close, build_frame
+from atlas.proxy.frames import OP_BINARY, OP_TEXT, FrameScanner, ScanState, build_close, build_frame
 from atlas.proxy.reactor import Direction, Handback, PrependedStream, Reactor, socket_fd
 from atlas.proxy.session import BackendLink, ClientSession, EndKind
 
@@ -492,3 +496,167 @@ async def test_a_pair_is_lent_from_one_task_and_given_back_together() -> None:
         assert reactor.statistics().lent == 0
         await one.aclose()
         await two.aclose()
+
+
+def reactor_session(
+    reactor: Reactor, client: trio.SocketStream, link_stream: trio.SocketStream
+) -> ClientSession:
+    link = BackendLink(
+        backend=Backend.from_url("b", "ws://127.0.0.1:2"),
+        stream=link_stream,
+        scanner=FrameScanner(masked=False, max_message_size=MAX_MESSAGE),
+    )
+    return ClientSession(
+        client_id="c1",
+        peer="test",
+        client_stream=client,
+        link=link,
+        provider=NoLinks(),
+        failover=FailoverConfig(enabled=False),
+        max_message_size=MAX_MESSAGE,
+        validate_utf8=True,
+        close_timeout=5,
+        reactor=reactor,
+    )
+
+
+@pytest.mark.parametrize("write", ["whole", "half", "blocked", "broken"])
+async def test_client_close_forwarded_however_the_backend_socket_takes_it(
+    write: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session forwards a client's Close from its own task when the backend socket takes it at
+    once; when it takes part of it, none, or fails, the up pump sends what is left: the same bytes."""
+    calls: list[int] = []
+
+    def fake_write(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        if write == "half":
+            return os_write(fd, bytes(data)[: len(data) // 2])
+        if write == "blocked":
+            raise BlockingIOError
+        if write == "broken":
+            raise BrokenPipeError
+        return os_write(fd, data)
+
+    os_write = os.write
+    monkeypatch.setattr(session_module, "os", types.SimpleNamespace(write=fake_write))
+    async with running_reactor() as reactor:
+        client_peer, client = await tcp_pair()
+        link_stream, backend_peer = await tcp_pair()
+        session = reactor_session(reactor, client, link_stream)
+        endings = []
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                endings.append(await session.run())
+
+            nursery.start_soon(run)
+            await trio.testing.wait_all_tasks_blocked()
+            sent = build_frame(OP_TEXT, b"last words", mask=True) + build_close(1000, "done", mask=True)
+            await client_peer.send_all(sent)
+            got = bytearray()
+            while len(got) < len(sent):
+                data = await backend_peer.receive_some()
+                assert data
+                got += data
+            assert bytes(got) == sent
+            answer = build_close(1000, "done", mask=False)
+            await backend_peer.send_all(answer)
+            got = bytearray()
+            while data := await client_peer.receive_some():
+                got += data
+            assert bytes(got) == answer
+        assert calls == [len(sent)]
+        assert endings[0].kind is EndKind.CLEAN
+        assert session.messages_up == 1
+        assert reactor.statistics().lent == 0
+        for stream in (client_peer, backend_peer):
+            await stream.aclose()
+
+
+async def test_client_vanishing_through_the_reactor_sends_the_backend_1001() -> None:
+    async with running_reactor() as reactor:
+        client_peer, client = await tcp_pair()
+        link_stream, backend_peer = await tcp_pair()
+        session = reactor_session(reactor, client, link_stream)
+        endings = []
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                endings.append(await session.run())
+
+            nursery.start_soon(run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert reactor.statistics().lent == 2
+            await client_peer.aclose()
+            got = bytearray()
+            while data := await backend_peer.receive_some():
+                got += data
+        assert endings[0].kind is EndKind.CLIENT_GONE
+        scanner = FrameScanner(masked=True, max_message_size=MAX_MESSAGE)
+        scanner.feed(bytes(got))
+        assert scanner.close_code == 1001
+        assert reactor.statistics().lent == 0
+        await backend_peer.aclose()
+
+
+async def test_send_all_and_receive_some_without_waiting_when_they_can() -> None:
+    a, b = await tcp_pair()
+    big = bytes(range(256)) * 16 * 1024  # 4 MiB: more than the socket takes at once
+    got = bytearray()
+    async with trio.open_nursery() as nursery:
+
+        async def read() -> None:
+            while len(got) < len(big):
+                got.extend(await reactor_module.receive_some(b, 65536))
+
+        nursery.start_soon(read)
+        await reactor_module.send_all(a, big)
+    assert bytes(got) == big
+    # Bytes already there are returned at once; none there: it waits for them.
+    await reactor_module.send_all(a, b"now")
+    await trio.testing.wait_all_tasks_blocked()
+    assert await reactor_module.receive_some(b, 100) == b"now"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reactor_module.receive_some, b, 100)
+        await trio.testing.wait_all_tasks_blocked()
+        await a.send_all(b"later")
+    assert reactor_module.close_now(a)
+    assert reactor_module.close_now(a)  # idempotent
+    with pytest.raises(trio.ClosedResourceError):
+        await reactor_module.send_all(a, b"x")
+    assert await reactor_module.receive_some(b, 100) == b""
+    await b.aclose()
+
+
+async def test_helpers_fall_back_to_the_stream_api() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    await reactor_module.send_all(left, b"hello")
+    assert await reactor_module.receive_some(right, 100) == b"hello"
+    assert not reactor_module.close_now(left)
+    a, b = await tcp_pair()
+    assert reactor_module.close_now(PrependedStream(a, b"head"))
+    assert a.socket.fileno() == -1
+    await b.aclose()
+
+
+async def test_client_close_waits_for_a_failover_that_began_before_the_session_task_ran() -> None:
+    """A failover begun between the handback and the session task: the Close is the up pump's, to
+    be sent to the new link once there is one; nothing is written to the lost one."""
+    async with running_reactor() as reactor:
+        client_peer, client = await tcp_pair()
+        link_stream, backend_peer = await tcp_pair()
+        session = reactor_session(reactor, client, link_stream)
+        close = build_close(1000, "done", mask=True)
+        session._up.out = session._up.take(close)
+        assert session.up.state is ScanState.CLOSED
+        session.fail_over()
+        fd = socket_fd(link_stream)
+        assert fd is not None
+        assert session._client_first(Handback.FED, fd) is Handback.FED
+        assert session._up.out == close
+        with trio.move_on_after(0.05) as waited:
+            await backend_peer.receive_some()
+        assert waited.cancelled_caught  # nothing reached the lost backend
+        for stream in (client_peer, client, link_stream, backend_peer):
+            await stream.aclose()

@@ -7,7 +7,7 @@ cancel scope of their own, so accepting can stop while sessions carry on), one t
 and the idle sweeper, and the reactor that relays the plain-socket sessions (atlas.proxy.reactor). Each client
 task runs :func:`handle_client`:
 
-1. read the client's upgrade request (h11), within ``handshake_timeout``;
+1. read the client's upgrade request (atlas.proxy.handshake), within ``handshake_timeout``;
 2. pick a backend with the pool's balancer and open Atlas's own WebSocket to it, trying up to
    ``connect_attempts`` distinct backends, each within ``connect_timeout``; nothing available answers
    503 with ``Retry-After``, all attempts failing answers 502;
@@ -22,11 +22,14 @@ Shutdown (the ``shutdown`` event) stops accepting, asks every session to close w
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import attrs
-import h11
 import trio
 
 from atlas.errors import HandshakeError, StartupError
@@ -35,13 +38,14 @@ from atlas.proxy.handshake import (
     BackendHandshake,
     UpgradeRequest,
     accept_response,
-    backend_request_headers,
+    backend_request,
     backend_target,
-    open_backend,
+    client_request_part,
+    open_backend_request,
     receive_upgrade,
     reject_response,
 )
-from atlas.proxy.reactor import PrependedStream, Reactor, serve_reactor
+from atlas.proxy.reactor import PrependedStream, Reactor, close_now, send_all, serve_reactor
 from atlas.proxy.session import BackendLink, ClientSession, Ending
 from atlas.proxy.tap import SkimTaps
 from atlas.world import Vec3
@@ -90,12 +94,8 @@ _REFUSAL_REASONS = {
 }
 
 
-async def _refuse(
-    stream: trio.abc.Stream, conn: h11.Connection | None, exc: HandshakeError, retry_after: int
-) -> None:
-    data = reject_response(
-        conn, exc.status, exc.reason, retry_after=retry_after if exc.status == 503 else None
-    )
+async def _refuse(stream: trio.abc.Stream, exc: HandshakeError, retry_after: int) -> None:
+    data = reject_response(exc.status, exc.reason, retry_after=retry_after if exc.status == 503 else None)
     with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await stream.send_all(data)
 
@@ -269,24 +269,21 @@ async def _handshake_backend(
     transfer: str | None,
 ) -> BackendLink:
     config = runtime.proxy
-    headers = backend_request_headers(
-        request,
+    data, key = backend_request(
+        backend_target(backend.path, request.target),
         host=backend.host,
         port=backend.port,
         secure=backend.secure,
-        client_ip=client_ip,
-        client_id=client_id,
-        client_secure=False,
+        client_part=client_request_part(request, client_ip, client_id),
         extra=[(b"x-atlas-transfer", transfer.encode("ascii"))] if transfer else (),
     )
-    target = backend_target(backend.path, request.target)
     shake: BackendHandshake | None = None
     with trio.move_on_after(config.connect_timeout):
-        shake = await open_backend(
+        shake = await open_backend_request(
             backend.host,
             backend.port,
-            target,
-            headers,
+            data,
+            key,
             ssl_context=runtime.backend_ssl_context() if backend.secure else None,
         )
     if shake is None:
@@ -384,11 +381,13 @@ async def _handshake(
     """
     config = runtime.proxy
     clients = runtime.clients
-    conn: h11.Connection | None = None
+    request: UpgradeRequest | None = None
     refusal: HandshakeError | None = None
     try:
-        with trio.fail_after(config.handshake_timeout):
-            request, conn = await receive_upgrade(stream)
+        # trio.fail_after without its generator-based context manager: past the deadline the scope
+        # swallows the Cancelled and the TooSlowError below is raised.
+        with trio.CancelScope(deadline=trio.current_time() + config.handshake_timeout):
+            request, pending = await receive_upgrade(stream)
             if not runtime.accepting:
                 raise HandshakeError(503, "Atlas is shutting down")
             # Clients still handshaking count too, or a burst could overshoot the limit.
@@ -396,17 +395,17 @@ async def _handshake(
                 raise HandshakeError(503, "too many connections")
             backend, link = await _connect_backend(runtime, request, client_ip=client_ip, client_id=client_id)
             try:
-                response, pending = accept_response(conn, request, subprotocol=link.subprotocol)
-                await stream.send_all(response)
+                await send_all(stream, accept_response(request, subprotocol=link.subprotocol))
             except BaseException:
                 runtime.release(backend)
                 await trio.aclose_forcefully(link.stream)
                 raise
             return request, link, pending
+        raise trio.TooSlowError
     except HandshakeError as exc:
         refusal = exc if exc.status else None
     except trio.TooSlowError:
-        if conn is not None and conn.our_state is h11.SEND_RESPONSE:
+        if request is not None:
             refusal = HandshakeError(504, "handshake timed out")
         else:
             log.info(
@@ -429,8 +428,9 @@ async def _handshake(
             refusal.reason,
             extra={"client": client_id, "peer": peer, "event": "refused", "status": refusal.status},
         )
-        await _refuse(stream, conn, refusal, config.retry_after)
-    await trio.aclose_forcefully(stream)
+        await _refuse(stream, refusal, config.retry_after)
+    if not close_now(stream):
+        await trio.aclose_forcefully(stream)
     return None
 
 
@@ -485,7 +485,8 @@ async def serve_proxy(
         except Exception:
             # One client's bug must never take the listener down.
             log.exception("unexpected error in a client session")
-            await trio.aclose_forcefully(stream)
+        finally:
+            close_now(stream)
 
     async with trio.open_nursery() as listener_nursery:
         reactor: Reactor = await listener_nursery.start(serve_reactor)
@@ -493,7 +494,9 @@ async def serve_proxy(
 
         async def accept_loops() -> None:
             with accept_scope:
-                await trio.serve_listeners(guarded, listeners, handler_nursery=listener_nursery)
+                async with trio.open_nursery() as loops:
+                    for listener in listeners:
+                        loops.start_soon(_accept_clients, listener, listener_nursery, guarded)
 
         listener_nursery.start_soon(accept_loops)
         listener_nursery.start_soon(_sweep_idle, runtime)
@@ -504,6 +507,76 @@ async def serve_proxy(
         accept_scope.cancel()
         await _drain(runtime)
         listener_nursery.cancel_scope.cancel()
+
+
+#: Accept errors that concern one connection only (trio's list): skipped.
+_SKIPPED_ACCEPT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM",
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)
+#: Accept errors that say the process or the system is out of something: wait a moment, then go on.
+_CAPACITY_ACCEPT_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
+#: Connections accepted per wake-up at most, before the loop waits (and so yields) again.
+_ACCEPT_BATCH = 64
+
+
+async def _accept_clients(
+    listener: trio.SocketListener,
+    nursery: trio.Nursery,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+) -> None:
+    """Accept connections on ``listener`` until cancelled; start ``handler(stream)`` in ``nursery`` for each.
+
+    ``trio.serve_listeners`` without its costs per connection: each wake-up takes every connection
+    waiting (up to ``_ACCEPT_BATCH``) with plain non-blocking ``accept`` calls, and the handler owns its
+    stream (it closes it; no ``aclose_forcefully`` wrapper task step). Errors are treated as trio
+    does: one connection's are skipped, running out of descriptors or memory is logged and retried
+    after 0.1 s, anything else ends the loop. The listening socket is closed when the loop ends.
+    """
+    trio_socket = listener.socket
+    sock = socket.socket(trio_socket.family, trio_socket.type, trio_socket.proto, fileno=trio_socket.detach())
+    sock.setblocking(False)
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(_ACCEPT_BATCH):
+                try:
+                    conn, _address = sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _SKIPPED_ACCEPT_ERRNOS:
+                        continue
+                    if exc.errno not in _CAPACITY_ACCEPT_ERRNOS:
+                        raise
+                    log.error(
+                        "accept failed: %s (%s); retrying in 0.1 s",
+                        errno.errorcode[exc.errno],
+                        os.strerror(exc.errno),
+                    )
+                    await trio.sleep(0.1)
+                    break
+                nursery.start_soon(handler, trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+    finally:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
 
 
 async def _drain(runtime: Runtime) -> None:

@@ -53,6 +53,9 @@ __all__ = [
     "PrependedStream",
     "Reactor",
     "ReactorStatistics",
+    "close_now",
+    "receive_some",
+    "send_all",
     "serve_reactor",
     "socket_fd",
 ]
@@ -197,6 +200,77 @@ def socket_fd(stream: trio.abc.Stream) -> int | None:
         fd = stream.socket.fileno()
         return fd if fd >= 0 else None
     return None
+
+
+def _plain_fd(stream: trio.abc.Stream) -> int | None:
+    """The descriptor of a plain socket stream (open or closed: -1), None for any other stream."""
+    if type(stream) is trio.SocketStream:
+        return stream.socket.fileno()
+    return None
+
+
+async def send_all(stream: trio.abc.Stream, data: bytes | bytearray | memoryview) -> None:
+    """``stream.send_all(data)``; to a plain socket the bytes are first written without waiting.
+
+    When the kernel takes them all at once (the usual case for a handshake or a Close frame), that is
+    the whole send: no scheduler round trip. Otherwise what is left goes through ``send_all``, which
+    waits for room. Raises what ``send_all`` raises.
+    """
+    fd = _plain_fd(stream)
+    if fd is not None and data:
+        if fd < 0:
+            raise trio.ClosedResourceError("the socket was already closed")
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        if sent == len(data):
+            return
+        data = memoryview(data)[sent:]
+    await stream.send_all(data)
+
+
+async def receive_some(stream: trio.abc.Stream, max_bytes: int) -> bytes | bytearray:
+    """``stream.receive_some(max_bytes)``; from a plain socket, bytes already there are taken at once.
+
+    For a read that usually finds its bytes waiting (a client's request, right after the connection
+    was accepted): no scheduler round trip then. Otherwise one ``wait_readable`` (a checkpoint) and
+    the read. Other streams: their own ``receive_some``. Raises what ``receive_some`` raises.
+    """
+    fd = _plain_fd(stream)
+    if fd is None:
+        return await stream.receive_some(max_bytes)
+    while True:
+        if fd < 0:
+            raise trio.ClosedResourceError("the socket was already closed")
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        except trio.ClosedResourceError:
+            raise trio.ClosedResourceError("the socket was closed while being read") from None
+        fd = _plain_fd(stream)
+        assert fd is not None
+
+
+def close_now(stream: trio.abc.Stream) -> bool:
+    """Close a plain socket stream (or a :class:`PrependedStream` over one) at once; False for others.
+
+    What ``trio.aclose_forcefully`` does for such a stream, without its two scheduler round trips:
+    closing a socket needs no waiting (trio wakes whoever waits on it). Idempotent.
+    """
+    if isinstance(stream, PrependedStream):
+        stream = stream.inner
+    if type(stream) is trio.SocketStream:
+        stream.socket.close()
+        return True
+    return False
 
 
 class _Entry:

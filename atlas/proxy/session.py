@@ -12,10 +12,12 @@ task lends both directions to it (``relay_pair``) and sleeps: the reactor moves 
 session from one task, and an idle session costs one parked task. The first time the reactor gives a
 direction back (a Close frame, a protocol error, EOF, a broken destination, a transfer step or a failover
 taking it back) the session starts two pump tasks in a nursery it owns, which run the logic below with
-trio awaits and lend their direction again whenever plain relaying resumes. Streams the reactor cannot
-reach (memory streams, TLS, a backend's early bytes) are relayed by the pumps themselves; both paths
-scan with the same step (:meth:`~atlas.proxy.reactor.Direction.take`) and finish a chunk that needs the
-session with the same code.
+trio awaits and lend their direction again whenever plain relaying resumes. When that first handback is
+the client ending the session (its Close frame, which the backend socket takes at once, or EOF), only
+the down direction is left and the session task runs the down pump itself, with no nursery. Streams the
+reactor cannot reach (memory streams, TLS, a backend's early bytes) are relayed by the pumps themselves;
+both paths scan with the same step (:meth:`~atlas.proxy.reactor.Direction.take`) and finish a chunk that
+needs the session with the same code.
 
 Either way whole chunks move: one read may carry many frames and they leave with one write. The scanners
 validate and delimit frames but never copy a chunk of complete frames (frames/_scanner doc).
@@ -52,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
@@ -61,7 +64,7 @@ import trio
 
 from atlas.errors import HandshakeError
 from atlas.proxy.frames import NO_LIMIT, OP_TEXT, CloseCode, FrameScanner, ScanState, build_close, build_frame
-from atlas.proxy.reactor import Direction, Handback, Reactor, socket_fd
+from atlas.proxy.reactor import Direction, Handback, Reactor, close_now, send_all, socket_fd
 
 if TYPE_CHECKING:
     from atlas.config import FailoverConfig
@@ -208,6 +211,8 @@ class ClientSession:
         self.ending: Ending | None = None
         self._pending = pending
         self._relay_scope = trio.CancelScope()
+        # The session task, while it runs the down pump itself (no nursery): see _end.
+        self._solo: trio.lowlevel.Task | None = None
         # Whether a Close frame (relayed, or Atlas's own) has gone out to each side.
         self._closed_to_backend = False
         self._closed_to_client = False
@@ -365,7 +370,10 @@ class ClientSession:
     def _end(self, ending: Ending) -> None:
         if self.ending is None:
             self.ending = self._client_error or ending
-        self._relay_scope.cancel()
+        # The session task running the only pump ends the session only on its way out of the relay
+        # scope (every such call returns without awaiting): nothing is left to interrupt.
+        if self._solo is None or self._solo is not trio.lowlevel.current_task():
+            self._relay_scope.cancel()
 
     async def run(self) -> Ending:
         """Relay until the session ends, close both streams, and return how it ended."""
@@ -386,17 +394,22 @@ class ClientSession:
         finally:
             if self._reactor is not None:
                 self._reactor.forget(self._client_fd, (self._up, self._down))
-            await trio.aclose_forcefully(self.client_stream)
-            await self._close_link(self.link)
+            if not close_now(self.client_stream):
+                await trio.aclose_forcefully(self.client_stream)
+            # The relay scope is closed: no pump runs in the link's scope any more.
+            await self._close_link(self.link, pumped=False)
         return self.ending
 
-    async def _close_link(self, link: BackendLink) -> None:
+    async def _close_link(self, link: BackendLink, *, pumped: bool = True) -> None:
+        """Close ``link`` for good; ``pumped``: its down pump may still run in its scope (cancel it)."""
         if not link.closed:
             link.closed = True
-            link.scope.cancel()
+            if pumped:
+                link.scope.cancel()
             if self._reactor is not None:
                 self._reactor.forget(socket_fd(link.stream), (self._up, self._down))
-            await trio.aclose_forcefully(link.stream)
+            if not close_now(link.stream):
+                await trio.aclose_forcefully(link.stream)
             self.provider.link_closed(link)
 
     # -- lending directions to the reactor ---------------------------------------------------------
@@ -434,10 +447,55 @@ class ClientSession:
                 assert self._reactor is not None
                 await self._reactor.relay_pair(self._up, fds[0], fds[1], self._down, fds[1], fds[0])
                 first_up, first_down = self._up.kind, self._down.kind
+                if first_down is Handback.REVOKED and not self._down.out:
+                    first_up = self._client_first(first_up, fds[1])
+                    if first_up is None:
+                        # The up direction is finished: the down pump runs in this task (no nursery),
+                        # unless the session already ended.
+                        if self.ending is None:
+                            self._solo = trio.lowlevel.current_task()
+                            await self._pump_down(link, first_down)
+                        return
         async with trio.open_nursery() as nursery:
             if up_open:
                 nursery.start_soon(self._pump_up, link, first_up)
             nursery.start_soon(self._pump_down, link, first_down)
+
+    def _client_first(self, kind: Handback, backend_fd: int) -> Handback | None:
+        """The common first handbacks, where the client ends the session, acted on without the pumps.
+
+        ``kind`` is what the reactor gave back of the up direction (the down one was only revoked).
+        The client left without a Close: the session ends (None). The client sent a Close: it goes to
+        the backend now if the socket takes the whole chunk at once, and the up direction is finished
+        (None); else the up pump sends the rest as after a revocation. Returns the handback the up pump
+        starts from, or None when there is nothing left for it to do.
+        """
+        if kind is Handback.EOF:
+            self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
+            return None
+        if (
+            kind is not Handback.FED
+            or self.up.state is not ScanState.CLOSED
+            or self.up.limit != NO_LIMIT
+            or self._switching is not None  # a failover began meanwhile: the Close waits for the new link
+            or self.link.lost
+        ):
+            return kind
+        d = self._up
+        try:
+            sent = os.write(backend_fd, d.out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return Handback.REVOKED  # the up pump's send meets the error and acts on it
+        if sent < len(d.out):
+            d.sent = sent
+            d.dirty = sent > 0
+            return Handback.REVOKED
+        d.out = b""
+        self._closed_to_backend = True
+        self._close_relayed()
+        return None
 
     def _lendable_down(self, link: BackendLink) -> bool:
         return (
@@ -579,7 +637,7 @@ class ClientSession:
             link = self.link
             d.dirty = True
             try:
-                await link.stream.send_all(memoryview(out)[sent:] if sent else out)
+                await send_all(link.stream, memoryview(out)[sent:] if sent else out)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 if self._up_failed(link, whole_messages):
                     # Still dirty: a transfer's hold must not count until this chunk is resent.
@@ -713,7 +771,7 @@ class ClientSession:
         d = self._down
         d.dirty = True
         try:
-            await self.client_stream.send_all(out)
+            await send_all(self.client_stream, out)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._end(Ending(EndKind.CLIENT_GONE, CloseCode.GOING_AWAY, "client went away"))
             return False
