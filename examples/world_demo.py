@@ -156,7 +156,7 @@ def report(result: DemoResult) -> list[str]:
             f"p50 {ms(percentile(fleet.switch_rtts, 0.5))}, p99 {ms(percentile(fleet.switch_rtts, 0.99))}, "
             f"max {ms(max(fleet.switch_rtts, default=None))}",
         ),
-        ("skim / movement events dropped", f"{result.skim_dropped} / {result.movement_dropped}"),
+        ("skim events / region decisions dropped", f"{result.skim_dropped} / {result.decisions_dropped}"),
         ("bots failed", causes(Counter(fleet.errors))),
     ]
     width = max(len(name) for name, _ in rows)
