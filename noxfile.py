@@ -41,6 +41,10 @@ def conformance(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmarks: Atlas beside a direct connection and nginx (benchmarks/README.md)."""
+    """Benchmarks: Atlas beside a direct connection, nginx and HAProxy (benchmarks/README.md).
+
+    run.py installs nginx and haproxy with apt-get where missing (as root) and the Node
+    load generator with npm; pass its options after `--`, e.g. `nox -s bench -- --quick`.
+    """
     session.install("-e", ".")
     session.run("python", "benchmarks/run.py", *session.posargs)
