@@ -1057,16 +1057,18 @@ async def test_a_full_input_queue_drops_and_counts_without_waiting(nursery: trio
     assert dispatcher.offer(frame("again"))
 
 
-async def test_the_fan_out_takes_a_burst_in_one_scheduling_round(nursery: trio.Nursery) -> None:
+async def test_the_fan_out_takes_a_burst_in_slices_of_32(nursery: trio.Nursery) -> None:
     dispatcher = Dispatcher(size=100, analyzer_buffer=100)
     fed, collect = Feed(), Collect()
     await nursery.start(dispatcher.serve, [fed, collect])
     await trio.testing.wait_all_tasks_blocked()
     for i in range(50):
         dispatcher.offer(frame(f"{i}"))
-    # The fan-out was woken once; one round later it has handed the whole burst on without a
-    # checkpoint per frame: fed all 50 to the feed analyzer, and queued them for the other.
+    # The fan-out was woken once; one round later it has handed on one slice without a checkpoint per
+    # frame (fed 32 to the feed analyzer), then let others run before the rest of the burst.
     await trio.lowlevel.checkpoint()
+    await trio.lowlevel.checkpoint()
+    assert len(fed.frames) == 32
     await trio.lowlevel.checkpoint()
     assert len(fed.frames) == 50
     stats = dispatcher.statistics()

@@ -22,8 +22,10 @@ nursery `Dispatcher.serve` opens; one that raises is logged and stops alone. Eve
 Cost. Every ``await channel.receive()`` is a trio checkpoint, a round through the scheduler, even when
 a frame is waiting; at thousands of skimmed messages a second those rounds cost more than the
 analysis itself. So the fan-out takes what is queued in batches: it parks while the input queue is
-empty, the first `offer` wakes it, and it then hands on everything queued without another checkpoint
-(nothing can be added meanwhile: the relay only offers when it runs itself). While frames keep
+empty, the first `offer` wakes it, and it then hands on everything queued then, with a checkpoint
+only every ``_SLICE`` (32) frames: a batch of hundreds of frames would otherwise hold the trio thread
+for a millisecond or more, and every relayed message would wait behind it (tail latency); frames offered
+during those checkpoints wait for the next batch. While frames keep
 coming it then pauses ``batch_interval`` (10 ms) between batches, or until the queue is half full,
 so that a busy relay pays for one wake-up of the fan-out per interval rather than one per round of
 the trio loop (a wake-up is often a round of its own: tens of microseconds). An analyzer with a
@@ -56,6 +58,8 @@ _DEFAULT_SIZE: Final = 1024
 _DEFAULT_ANALYZER_BUFFER: Final = 256
 _DEFAULT_TAP_BUFFER: Final = 64
 _DEFAULT_BATCH_INTERVAL: Final = 0.01
+_SLICE: Final = 32
+"""Frames the fan-out hands on between two checkpoints (~0.1 ms of analysis with the built-in ones)."""
 
 
 class AnalyzerState(enum.Enum):
@@ -333,8 +337,11 @@ class Dispatcher:
                 await self._wakeup.park()
             elif not interval:
                 await trio.lowlevel.checkpoint()
-            # The batch: what is queued now, without a checkpoint per frame.
-            for _ in range(len(queue)):
+            # The batch: what is queued now, without a checkpoint per frame but with one per slice, so
+            # that the relay runs between slices (a long batch would hold the trio thread for ms).
+            for i in range(len(queue)):
+                if i and not i % _SLICE:
+                    await trio.lowlevel.checkpoint()
                 frame = take()
                 for lane, feed in self._feeders:
                     lane.delivered += 1
