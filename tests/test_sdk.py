@@ -9,6 +9,7 @@ without sockets, on virtual time.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from collections.abc import AsyncIterator, Sequence
@@ -76,6 +77,8 @@ class Game(GameServer):
         self.fail_in = False  # on_transfer_in raises
         self.gate = trio.Event()
         self.gate.set()  # on_message("slow") waits for this
+        self.abort_gate = trio.Event()
+        self.abort_gate.set()  # on_transfer_aborted waits for this
 
     def record(self, *event: Any) -> None:
         self.log.append(event)
@@ -139,6 +142,7 @@ class Game(GameServer):
 
     async def on_transfer_aborted(self, player: Player) -> None:
         self.record("aborted", player.id)
+        await self.abort_gate.wait()
 
     async def on_transfer_in_aborted(self, info: TransferInfo, reason: str) -> None:
         self.record("in_aborted", info.client, reason)
@@ -619,6 +623,105 @@ async def test_complete_drops_queued_sends() -> None:
             assert not await game.send_to("c1", "too late")
 
 
+async def test_a_transferred_close_before_complete_completes_the_source() -> None:
+    # Atlas closes the source's link with 1000 "transferred" only after the switch; the close may be
+    # read before transfer.complete (another connection): the transfer is complete, not rolled back.
+    game = Game("game-a")
+    async with serving(game) as [port], open_control(port) as control:
+        async with open_ws(port, "/", link_headers("c1")) as link:
+            await game.next_event("connect")
+            await control.send(
+                TransferNotice(transfer="t1", client="c1", target="b", reason="admin", timeout_ms=LONG_MS)
+            )
+            await control.send(TransferBegin(transfer="t1", client="c1", delivered=0, timeout_ms=LONG_MS))
+            await control.expect(TransferState)
+            await link.aclose(1000, "transferred")
+        assert await game.next_event("disconnect") == ("disconnect", "c1", "transferred")
+        await until(lambda: game.statistics().transfers_in_progress == 0)
+        stats = game.statistics()
+        assert (stats.transfers_completed, stats.transfers_aborted) == (1, 0)
+        await control.send(TransferComplete(transfer="t1", client="c1"))  # late: nothing to answer
+        # Nothing was sent about t1 (no transfer.abort): the next message answers this commit.
+        await control.send(TransferCommit(transfer="t9", client="c9", state={}, timeout_ms=LONG_MS))
+        assert (await control.expect(TransferReject)).transfer == "t9"
+
+
+async def test_a_message_past_the_cut_is_a_rollback_even_without_transfer_abort() -> None:
+    # transfer.begin says Atlas relays no more messages unless it rolls back: one more message is the
+    # rollback, even if Atlas's transfer.abort never comes (Atlas bounds the time it spends telling).
+    game = Game("game-a")
+    async with serving(game) as [port], open_control(port) as control:
+        async with open_ws(port, "/", link_headers("c1")) as link:
+            await game.next_event("connect")
+            await control.send(
+                TransferNotice(transfer="t1", client="c1", target="b", reason="admin", timeout_ms=LONG_MS)
+            )
+            await control.send(TransferBegin(transfer="t1", client="c1", delivered=0, timeout_ms=LONG_MS))
+            assert (await control.expect(TransferState)).sent == 0
+            assert await game.send_to("c1", "queued")
+            await link.send_message("m0")  # Atlas resumed the client on this server
+            assert await game.next_event("aborted") == ("aborted", "c1")
+            assert await receive_n(link, 2) == ["queued", "game-a:m0:1"]
+            assert game.statistics().transfers_aborted == 1
+            # The SDK told Atlas nothing (Atlas rolled back first): the next message answers this commit.
+            await control.send(TransferCommit(transfer="t9", client="c9", state={}, timeout_ms=LONG_MS))
+            assert (await control.expect(TransferReject)).transfer == "t9"
+
+
+async def test_a_notice_right_after_a_rollback_waits_for_it() -> None:
+    game = Game("game-a")
+    game.abort_gate = trio.Event()
+    async with serving(game) as [port], open_control(port) as control:
+        async with open_ws(port, "/", link_headers("c1")) as link:
+            await game.next_event("connect")
+            await control.send(
+                TransferNotice(transfer="t1", client="c1", target="b", reason="admin", timeout_ms=LONG_MS)
+            )
+            await control.send(TransferBegin(transfer="t1", client="c1", delivered=0, timeout_ms=LONG_MS))
+            assert (await control.expect(TransferState)).sent == 0
+            assert await game.send_to("c1", "queued")
+            # Atlas rolls t1 back and at once moves the client again: t2 waits for t1's rollback.
+            await control.send(TransferAbort(transfer="t1", client="c1", reason="target died"))
+            await control.send(
+                TransferNotice(transfer="t2", client="c1", target="b", reason="admin", timeout_ms=LONG_MS)
+            )
+            await control.send(TransferBegin(transfer="t2", client="c1", delivered=0, timeout_ms=LONG_MS))
+            assert await game.next_event("aborted") == ("aborted", "c1")
+            game.abort_gate.set()
+            state = await control.expect(TransferState)
+            # t1's queued send went out before t2 held the player, and t2 counts it.
+            assert (state.transfer, state.sent) == ("t2", 1)
+            assert await receive(link) == "queued"
+
+
+async def test_a_client_brought_back_waits_for_its_leaving_player() -> None:
+    # The client left (Atlas switched it away), and Atlas brings it back before this server has read
+    # the end of the first transfer: the new transfer waits for it rather than refusing.
+    game = Game("game-a")
+    async with serving(game) as [port], open_control(port) as control:
+        async with open_ws(port, "/", link_headers("c1")) as link:
+            await game.next_event("connect")
+            await control.send(
+                TransferNotice(transfer="t1", client="c1", target="b", reason="admin", timeout_ms=LONG_MS)
+            )
+            await control.send(TransferBegin(transfer="t1", client="c1", delivered=0, timeout_ms=LONG_MS))
+            await control.expect(TransferState)
+            await control.send(
+                TransferPrepare(transfer="t2", client="c1", source="b", reason="admin", timeout_ms=LONG_MS)
+            )
+            await link.aclose(1000, "transferred")  # t1 ends here
+            assert await control.expect(TransferReady) == TransferReady(transfer="t2")
+        async with open_ws(port, "/", link_headers("c1", transfer="t2")) as back:
+            await control.send(
+                TransferCommit(transfer="t2", client="c1", state={"count": 7}, timeout_ms=LONG_MS)
+            )
+            assert await control.expect(TransferCommitted) == TransferCommitted(transfer="t2")
+            await back.send_message("m")
+            assert await receive_n(back, 2) == ["arrived", "game-a:m:8"]
+        stats = game.statistics()
+        assert (stats.transfers_completed, stats.transfers_committed, stats.transfers_aborted) == (1, 1, 0)
+
+
 async def test_abort_on_the_target_drops_the_parked_link() -> None:
     game = Game("game-b")
     async with serving(game) as [port], open_control(port) as control:
@@ -711,12 +814,39 @@ async def test_one_transfer_per_client_and_unknown_clients_are_refused() -> None
         await control.send(
             TransferNotice(transfer="t1", client="c1", target="b", reason="admin", timeout_ms=LONG_MS)
         )
+        await game.next_event("prepare")
+        # Another Atlas node cannot move the client while this one does.
+        async with open_control(port) as other:
+            await other.send(
+                TransferNotice(transfer="t2", client="c1", target="c", reason="admin", timeout_ms=LONG_MS)
+            )
+            reject = await other.expect(TransferReject)
+            assert reject.transfer == "t2" and "already being transferred (t1)" in reject.reason
+        assert game.statistics().transfers_in_progress == 1
+
+
+async def test_a_new_notice_from_the_same_atlas_supersedes_the_previous_transfer() -> None:
+    # Atlas runs one transfer per client at a time: a new notice means it gave up the previous one,
+    # whose transfer.abort never came (Atlas bounds the time it spends telling servers).
+    game = Game("game-a")
+    async with serving(game) as [port], open_control(port) as control, open_ws(port, "/", link_headers("c1")):
+        await game.next_event("connect")
+        await control.send(
+            TransferNotice(transfer="t1", client="c1", target="b", reason="admin", timeout_ms=LONG_MS)
+        )
+        await game.next_event("prepare")
         await control.send(
             TransferNotice(transfer="t2", client="c1", target="c", reason="admin", timeout_ms=LONG_MS)
         )
+        assert await game.next_event("aborted") == ("aborted", "c1")  # t1, rolled back here
+        _, info = await game.next_event("prepare")
+        assert (info.id, info.peer) == ("t2", "c")
+        # A late step of t1 is refused with how it ended; t2 goes on.
+        await control.send(TransferBegin(transfer="t1", client="c1", delivered=0, timeout_ms=LONG_MS))
         reject = await control.expect(TransferReject)
-        assert reject.transfer == "t2" and "already being transferred (t1)" in reject.reason
-        assert game.statistics().transfers_in_progress == 1
+        assert reject.transfer == "t1" and "Atlas started transfer t2" in reject.reason
+        await control.send(TransferBegin(transfer="t2", client="c1", delivered=0, timeout_ms=LONG_MS))
+        assert (await control.expect(TransferState)).transfer == "t2"
 
 
 async def test_a_full_or_draining_target_refuses() -> None:
@@ -1019,20 +1149,50 @@ def test_handoff_tables_allow_only_the_protocol_order() -> None:
     assert target.accepts(commit)
 
 
-def make_player(
-    size: int, send_timeout: float = 1.0
-) -> tuple[Player, trio.MemoryReceiveChannel[str | bytes]]:
-    outbox, inbox = trio.open_memory_channel[str | bytes](size)
-    return Player("p", path="/", headers={}, outbox=outbox, send_timeout=send_timeout), inbox
+class FakeOutbox:
+    """A bounded outbox in place of the link's WebSocket; the test plays the writer."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: collections.deque[str | bytes] = collections.deque()
+        self.room = trio.Event()
+        self.arrived = trio.Event()
+
+    def send_nowait(self, message: str | bytes) -> None:
+        if len(self.items) >= self.size:
+            raise trio.WouldBlock
+        self.items.append(message)
+        self.arrived.set()
+
+    async def wait_room(self) -> None:
+        while len(self.items) >= self.size:
+            self.room = trio.Event()
+            await self.room.wait()
+
+    def finish(self) -> None:
+        pass
+
+    def drain(self) -> list[str | bytes]:
+        out = list(self.items)
+        self.items.clear()
+        self.room.set()
+        return out
+
+    async def receive(self) -> str | bytes:
+        while not self.items:
+            self.arrived = trio.Event()
+            await self.arrived.wait()
+        self.room.set()
+        return self.items.popleft()
 
 
-def drain(inbox: trio.MemoryReceiveChannel[str | bytes]) -> list[str | bytes]:
-    out: list[str | bytes] = []
-    while True:
-        try:
-            out.append(inbox.receive_nowait())
-        except trio.WouldBlock:
-            return out
+def make_player(size: int, send_timeout: float = 1.0) -> tuple[Player, FakeOutbox]:
+    outbox = FakeOutbox(size)
+    return Player("p", path="/", headers={}, outbox=outbox, send_timeout=send_timeout), outbox
+
+
+def drain(outbox: FakeOutbox) -> list[str | bytes]:
+    return outbox.drain()
 
 
 async def test_gate_queues_then_flushes_in_order(autojump_clock: trio.testing.MockClock) -> None:

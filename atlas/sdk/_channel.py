@@ -10,13 +10,13 @@ import itertools
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from atlas.control.messages import ServerMessage, TransferAccepted, TransferRefused, TransferRequest, encode
+from atlas.sdk._websocket import WebSocket, WebSocketClosed
 
 __all__ = ["ChannelGone", "ControlChannel"]
 
-#: Seconds one control message may take to go out before the channel is considered broken.
+#: Seconds a control message may wait for room, or one write may take, before the channel is broken.
 SEND_TIMEOUT = 10.0
 
 
@@ -32,7 +32,7 @@ class ControlChannel:
     transfers that came through it then roll back (see ``_control.py``).
     """
 
-    ws: WebSocketConnection
+    ws: WebSocket
     node: str = "?"
     """The Atlas node's name, from ``hello``."""
     version: int | None = None
@@ -88,11 +88,11 @@ class ControlChannel:
         with trio.move_on_after(SEND_TIMEOUT):
             try:
                 await self.ws.send_message(text)
-            except ConnectionClosed:
+            except WebSocketClosed:
                 self.close()
                 raise ChannelGone(f"the control channel from {self.node} closed") from None
             return
-        # A send cut off half way leaves a broken frame on the wire: the channel cannot be used again.
+        # Atlas has not read the channel for that long: it is of no use any more.
         self.close()
         raise ChannelGone(f"the control channel from {self.node} took over {SEND_TIMEOUT:g} s to send")
 

@@ -19,7 +19,6 @@ import math
 from typing import TYPE_CHECKING
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from atlas.control.messages import (
     RELAY_CAPABILITY,
@@ -40,10 +39,11 @@ from atlas.control.messages import (
     Welcome,
     decode_from_atlas,
 )
-from atlas.sdk._channel import ChannelGone, ControlChannel
+from atlas.sdk._channel import SEND_TIMEOUT, ChannelGone, ControlChannel
 from atlas.sdk._handoff import Handoff, TransferInfo
 from atlas.sdk._relay import RELAY_MESSAGES
 from atlas.sdk._transfers import Incoming, Outgoing, run_source, run_target
+from atlas.sdk._websocket import WebSocket, WebSocketClosed, WriterEnd
 
 if TYPE_CHECKING:
     from atlas.sdk._server import GameServer
@@ -64,17 +64,19 @@ CLOSE_TIMEOUT = 2.0
 GOING_AWAY_CLOSE_TIMEOUT = 0.05
 
 
-async def serve_control(server: GameServer, ws: WebSocketConnection) -> None:
+async def serve_control(server: GameServer, ws: WebSocket) -> None:
     """Run one control channel until Atlas closes it (or the server stops)."""
     channel = ControlChannel(ws)
     server._channels.add(channel)
     try:
         async with trio.open_nursery() as nursery:
+            writer_scope = await nursery.start(_write, channel)
             load_scope = await nursery.start(_report_load, server, channel)
             relay_scope = await nursery.start(server._relay.serve_channel, channel)
             with channel.scope:
                 await _read(server, channel, nursery)
             channel.close()
+            writer_scope.cancel()
             load_scope.cancel()
             relay_scope.cancel()
             server._transfers.fail_channel(channel, "the control channel closed")
@@ -88,6 +90,18 @@ async def serve_control(server: GameServer, ws: WebSocketConnection) -> None:
         with trio.move_on_after(GOING_AWAY_CLOSE_TIMEOUT if going_away else CLOSE_TIMEOUT, shield=True):
             await ws.aclose(code, reason)
         logger.info("%s: control channel from %s closed", server.name, channel.node)
+
+
+async def _write(
+    channel: ControlChannel, *, task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The channel's writer: what the socket did not take at once; a stuck or broken one ends the channel."""
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        end = await channel.ws.serve_writes(SEND_TIMEOUT)
+        if end is not WriterEnd.FINISHED:
+            logger.warning("control channel from %s: %s", channel.node, end.value.replace("_", " "))
+        channel.close()
 
 
 async def _report_load(
@@ -130,7 +144,7 @@ async def _read(server: GameServer, channel: ControlChannel, nursery: trio.Nurse
                         "%s: no hello within %g s on a control channel", server.name, HELLO_TIMEOUT
                     )
                     return
-        except ConnectionClosed:
+        except WebSocketClosed:
             return
         try:
             message = decode_from_atlas(text)
@@ -206,11 +220,17 @@ async def _start_source(
         return
     player = server.players.get(notice.client)
     refusal: str | None = None
+    previous = player._transfer if player is not None else None
     if player is None or not player.connected:
         refusal = f"client {notice.client} is not on {server.name}"
-    elif player._transfer is not None:
-        refusal = f"client {notice.client} is already being transferred ({player._transfer.info.id})"
-    elif player.handing_off:
+    elif previous is not None and not previous.ending:
+        if previous.channel is channel:
+            # Atlas runs one transfer per client at a time: a new one means it gave up the previous
+            # one, whose transfer.abort never came (Atlas bounds the time it spends telling servers).
+            previous.abort_by_atlas(f"Atlas started transfer {notice.transfer} of this client")
+        else:
+            refusal = f"client {notice.client} is already being transferred ({previous.info.id})"
+    elif previous is None and player.handing_off:
         refusal = f"client {notice.client} is still arriving on {server.name}"
     if player is None or refusal is not None:
         await _refuse(server, channel, notice.transfer, refusal or "")
@@ -224,10 +244,14 @@ async def _start_source(
         timeout=notice.timeout_ms / 1000,
         player=player,
     )
-    out = Outgoing(info, channel, Handoff("out"), player=player)
+    # A previous transfer that is rolling back (Atlas has moved on) is waited for by the new one.
+    out = Outgoing(info, channel, Handoff("out"), player=player, previous=previous)
     server._transfers.outgoing[info.id] = out
     player._transfer = out
-    await nursery.start(run_source, server, out, notice)
+    # start_soon, not start: the reader goes on with the next message at once (a burst of notices is
+    # read in one pass). The task's scope is on the record already, so an abort that comes first
+    # cancels it before it runs.
+    nursery.start_soon(run_source, server, out, notice)
 
 
 async def _start_target(
@@ -246,7 +270,7 @@ async def _start_target(
     )
     inc = Incoming(info, channel, Handoff("in"))
     server._transfers.incoming[info.id] = inc
-    await nursery.start(run_target, server, inc, prepare)
+    nursery.start_soon(run_target, server, inc, prepare)  # see _start_source
 
 
 async def _route(

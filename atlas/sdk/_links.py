@@ -1,4 +1,4 @@
-"""Data links: one session per client WebSocket, with a reader (in-order ``on_message``) and a writer.
+"""Data links: one session per client WebSocket; its task reads (in-order ``on_message``), a writer writes.
 
 A link is either *plain* (a new player: ``on_connect``) or a *transfer link*: it carries
 ``X-Atlas-Transfer`` naming a transfer this server prepared as the target. A transfer link is parked:
@@ -7,6 +7,8 @@ reads until the transfer task admits the player after ``on_transfer_in`` (or end
 transfer is rolled back). A link that names a transfer this server never prepared is a *blind* transfer
 from Atlas's point of view, and here simply a new player.
 
+The session's own task reads the link and calls ``on_message`` with each message, with no hand-off to
+another task; the link's writer task only writes what the socket did not take at once (``_websocket.py``).
 The session is the one place a player ends: whatever ends it (the peer, the game, a transfer, a slow
 socket, the server stopping) records a reason on the player and cancels the player's scope; the session
 then closes the link with the matching code and calls ``on_disconnect`` exactly once for a player that
@@ -22,7 +24,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from atlas.sdk._player import (
     CLOSED,
@@ -37,6 +38,7 @@ from atlas.sdk._player import (
 )
 from atlas.sdk._transfers import Incoming
 from atlas.sdk._transport import accept, header_map, reject
+from atlas.sdk._websocket import Handshake, WebSocket, WebSocketClosed, WriterEnd
 
 if TYPE_CHECKING:
     from atlas.sdk._server import GameServer
@@ -70,7 +72,7 @@ _CLOSE_FOR: Final[dict[str, tuple[int, str]]] = {
 }
 
 
-async def serve_link(server: GameServer, request: WebSocketRequest) -> None:
+async def serve_link(server: GameServer, request: Handshake) -> None:
     """Accept one data link and run its player until the link ends."""
     headers = header_map(request.headers)
     if HEALTH_CHECK_HEADER in headers:
@@ -91,28 +93,29 @@ async def serve_link(server: GameServer, request: WebSocketRequest) -> None:
         elif incoming.info.client != client_id or incoming.player is not None or incoming.handoff.done:
             await reject(request, 409, f"transfer {transfer_id} does not expect this link")
             return
-    if incoming is None and client_id in server.players:
+    if incoming is None and not transfer_id and server._has_connected(client_id):
         await reject(request, 409, f"client {client_id} is already connected")
         return
+    # A blind transfer link for a client whose old link here is still open: Atlas has moved the client
+    # away from that link (and closes it), so the new player takes the client's place in `players`.
     ws = await accept(request)
     if ws is None:
         return
-    outbox, outbox_receive = trio.open_memory_channel[str | bytes](server.outbox_size)
+    ws.queue_size = server.outbox_size
     player = Player(
         client_id,
         path=request.path,
         headers=headers,
-        outbox=outbox,
+        outbox=ws,
         send_timeout=server.send_timeout,
         parked=incoming is not None,
     )
     if incoming is not None and not incoming.attach(player):
         player._end(TRANSFER_ABORTED)  # rolled back during the handshake
-    with outbox, outbox_receive:
-        await _run(server, ws, player, outbox_receive, incoming)
+    await _run(server, ws, player, incoming)
 
 
-async def _answer_probe(request: WebSocketRequest) -> None:
+async def _answer_probe(request: Handshake) -> None:
     """A health probe: the handshake is the answer; let the probe close first (bounded)."""
     ws = await accept(request)
     if ws is None:
@@ -121,23 +124,17 @@ async def _answer_probe(request: WebSocketRequest) -> None:
         try:
             while True:
                 await ws.get_message()
-        except ConnectionClosed:
+        except WebSocketClosed:
             pass
     with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
         await ws.aclose(1000, "health check")
 
 
-async def _run(
-    server: GameServer,
-    ws: WebSocketConnection,
-    player: Player,
-    outbox: trio.MemoryReceiveChannel[str | bytes],
-    incoming: Incoming | None,
-) -> None:
+async def _run(server: GameServer, ws: WebSocket, player: Player, incoming: Incoming | None) -> None:
     try:
         with player._scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_write, ws, player, outbox, server.send_timeout)
+                nursery.start_soon(_write, ws, player, server.send_timeout)
                 if incoming is None:
                     server._install(player)
                     if not await _call(server.on_connect, player, "on_connect"):
@@ -154,7 +151,7 @@ async def _run(
         if incoming is not None and not player._admitted.is_set():
             incoming.fail("the transfer's data link closed")
         if player._transfer is not None:
-            player._transfer.fail("the client's link closed")
+            player._transfer.link_closed(transferred=reason == TRANSFERRED)
         code, text = player._close if reason == KICKED else _CLOSE_FOR.get(reason, (1000, ""))
         with trio.move_on_after(GOING_AWAY_CLOSE_TIMEOUT if going_away else CLOSE_TIMEOUT, shield=True):
             await ws.aclose(code, text)
@@ -181,19 +178,23 @@ async def _call(hook: Callable[..., Awaitable[None]], player: Player, name: str,
     return True
 
 
-async def _read(server: GameServer, ws: WebSocketConnection, player: Player) -> None:
+async def _read(server: GameServer, ws: WebSocket, player: Player) -> None:
     """Hand the player's messages to ``on_message``, one at a time, in order."""
+    admitted = player._admitted
     while True:
         try:
             message = await ws.get_message()
-        except ConnectionClosed as exc:
-            close = exc.reason
-            # Atlas moved the client away without telling us first: a blind transfer.
-            moved = close is not None and close.code == 1000 and close.reason == "transferred"
+        except WebSocketClosed as exc:
+            # Atlas moved the client away without telling us first: a blind transfer (or a transfer
+            # whose transfer.complete is still on its way on the control channel: see _run).
+            moved = exc.code == 1000 and exc.reason == "transferred"
             player._end(TRANSFERRED if moved else CLOSED)
             return
-        # A parked (transferred-in) player's messages wait until the transfer is committed.
-        await player._admitted.wait()
+        if not admitted.is_set():
+            # A parked (transferred-in) player's messages wait until the transfer is committed.
+            await admitted.wait()
+        if player._transfer is not None:
+            player._transfer.message_beyond_cut()  # a message past transfer.begin's count: rolled back
         if not player.connected:
             return  # kicked: nothing more is processed
         if not await _call(server.on_message, player, "on_message", message):
@@ -201,22 +202,12 @@ async def _read(server: GameServer, ws: WebSocketConnection, player: Player) -> 
         player._processed()
 
 
-async def _write(
-    ws: WebSocketConnection,
-    player: Player,
-    outbox: trio.MemoryReceiveChannel[str | bytes],
-    send_timeout: float,
-) -> None:
-    """Put the player's outbox on its link, in order; ends the player if the link cannot keep up."""
-    try:
-        async for message in outbox:
-            with trio.move_on_after(send_timeout) as sending:
-                await ws.send_message(message)
-            if sending.cancelled_caught:
-                logger.warning("%s: a send took over %g s, dropping the player", player.id, send_timeout)
-                player._end(TOO_SLOW)
-                return
-    except ConnectionClosed:
-        pass
-    # The outbox was closed (the player was kicked, and everything before is sent) or the link closed.
+async def _write(ws: WebSocket, player: Player, send_timeout: float) -> None:
+    """Write what the socket did not take at once, in order; ends the player if the link cannot keep up."""
+    end = await ws.serve_writes(send_timeout)
+    if end is WriterEnd.TOO_SLOW:
+        logger.warning("%s: a send took over %g s, dropping the player", player.id, send_timeout)
+        player._end(TOO_SLOW)
+        return
+    # The player was kicked and everything before is sent, or the link broke.
     player._end(CLOSED)

@@ -1,29 +1,34 @@
 """A player: one client's data link to this game server, with its counts and its send gate.
 
-Sending never writes to the socket directly: :meth:`Player.send` puts the message in the player's bounded
-outbox, and one writer task per link (in ``_links.py``) drains it in order. A message is counted in
-:attr:`Player.sent` the moment the outbox takes it, because from then on the writer will put it on the
-link unless the link dies; so ``sent`` is exactly what the link carries once the outbox is drained.
+:meth:`Player.send` hands the message to the player's *outbox*: the link's WebSocket, which writes it to
+the socket at once when nothing waits before it, and otherwise queues it (bounded, ``outbox_size``
+messages) for the link's writer task (``_websocket.py``, ``_links.py``). A message is counted in
+:attr:`Player.sent` the moment the outbox takes it, because from then on it reaches the link, in order,
+unless the link dies; so ``sent`` is exactly what the link carries once the outbox is drained.
 
-During a transfer the gate closes: :meth:`Player._hold` waits for any send in progress (all sends take
-one FIFO lock), then parks later sends in a queue instead of the outbox and returns the count at that
-instant. That count is what the source reports as ``sent`` in ``transfer.state``; nothing queued after it
-reaches the link unless the transfer is aborted, when :meth:`Player._release` moves the queue to the
-outbox in order (still under the lock, so later sends cannot overtake it).
+Sends to one player are serialized by one FIFO lock: a send that finds the lock free and the outbox with
+room completes without waiting (no task switch); any other waits its turn. During a transfer the gate
+closes: :meth:`Player._hold` takes the lock (so a send in progress finishes first), then parks later
+sends in a queue instead of the outbox and returns the count at that instant. That count is what the
+source reports as ``sent`` in ``transfer.state``; nothing queued after it reaches the link unless the
+transfer is aborted, when :meth:`Player._release` moves the queue to the outbox in order (still under the
+lock, so later sends cannot overtake it).
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
+
+from atlas.sdk._websocket import WebSocketClosed
 
 if TYPE_CHECKING:
     from atlas.sdk._transfers import Outgoing
 
-__all__ = ["Player", "PlayerDisconnected"]
+__all__ = ["Outbox", "Player", "PlayerDisconnected"]
 
 #: Why a player's link ended, as given to ``on_disconnect``.
 CLOSED = "closed"
@@ -44,6 +49,19 @@ class PlayerDisconnected(Exception):
         self.reason = reason
 
 
+class Outbox(Protocol):
+    """Where a player's messages go: its link's WebSocket (``_websocket.WebSocket``), or a test's fake."""
+
+    def send_nowait(self, message: str | bytes) -> None:
+        """Take ``message``: :class:`trio.WouldBlock` when full, ``WebSocketClosed`` once closed."""
+
+    async def wait_room(self) -> None:
+        """Wait until :meth:`send_nowait` may take a message (or the outbox is closed)."""
+
+    def finish(self) -> None:
+        """Take nothing more; what was taken still goes out, then the link closes."""
+
+
 class Player:
     """One client connected to this game server, through one data link from Atlas (or directly).
 
@@ -58,7 +76,7 @@ class Player:
         *,
         path: str,
         headers: Mapping[str, str],
-        outbox: trio.MemorySendChannel[str | bytes],
+        outbox: Outbox,
         send_timeout: float,
         parked: bool = False,
     ) -> None:
@@ -77,7 +95,7 @@ class Player:
         self._held: collections.deque[str | bytes] | None = collections.deque() if parked else None
         self._sent = 0
         self._received = 0
-        self._progress = trio.Event()
+        self._progress: trio.Event | None = None
         self._ending: str | None = None
         self._close: tuple[int, str] = (1000, "")
         self._admitted = trio.Event()
@@ -124,6 +142,14 @@ class Player:
         """
         if not isinstance(message, (str, bytes)):
             raise TypeError(f"a message is str or bytes, not {type(message).__name__}")
+        if not self._lock.locked():
+            # Nobody sends before us: done without waiting if the outbox has room (the common case).
+            self._check_connected()
+            if self._held is not None:
+                self._held.append(message)
+                return
+            if self._put_nowait(message):
+                return
         async with self._lock:
             self._check_connected()
             if self._held is not None:
@@ -141,7 +167,7 @@ class Player:
             return
         self._close = (code, reason)
         self._ending = KICKED
-        self._outbox.close()  # the writer drains what is in it, then ends the link
+        self._outbox.finish()  # the writer drains what is in it, then ends the link
         self._wake()
 
     # -- used by the server ----------------------------------------------------------------------------
@@ -150,21 +176,29 @@ class Player:
         if self._ending is not None:
             raise PlayerDisconnected(self.id, self._ending)
 
-    async def _put(self, message: str | bytes) -> None:
-        """Hand one message to the writer (the caller holds the lock)."""
+    def _put_nowait(self, message: str | bytes) -> bool:
+        """Hand one message to the outbox if it has room (the caller holds the lock, or nobody does)."""
         try:
-            try:
-                self._outbox.send_nowait(message)
-            except trio.WouldBlock:
-                with trio.move_on_after(self._send_timeout):
-                    await self._outbox.send(message)
-                    self._sent += 1
-                    return
-                self._end(TOO_SLOW)
-                raise PlayerDisconnected(self.id, TOO_SLOW) from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._outbox.send_nowait(message)
+        except trio.WouldBlock:
+            return False
+        except WebSocketClosed:
             raise PlayerDisconnected(self.id, self._ending or CLOSED) from None
         self._sent += 1
+        return True
+
+    async def _put(self, message: str | bytes) -> None:
+        """Hand one message to the outbox, waiting for room (the caller holds the lock)."""
+        if self._put_nowait(message):
+            return
+        with trio.move_on_after(self._send_timeout):
+            while True:
+                await self._outbox.wait_room()
+                self._check_connected()
+                if self._put_nowait(message):
+                    return
+        self._end(TOO_SLOW)
+        raise PlayerDisconnected(self.id, TOO_SLOW)
 
     async def _hold(self) -> int:
         """Close the gate: later sends are queued. Returns :attr:`sent` at that instant."""
@@ -213,11 +247,15 @@ class Player:
     async def _wait_received(self, count: int) -> None:
         """Wait until :attr:`received` reaches ``count`` or the player's link ends (caller bounds it)."""
         while self._received < count and self._ending is None:
+            if self._progress is None:
+                self._progress = trio.Event()
             await self._progress.wait()
 
     def _wake(self) -> None:
-        self._progress.set()
-        self._progress = trio.Event()
+        """Wake whoever waits in :meth:`_wait_received` (an event is made only when someone waits)."""
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
 
     def _end(self, reason: str) -> None:
         """End the player's link now (the first reason given is the one kept)."""

@@ -10,7 +10,6 @@ from typing import Any, Final
 
 import attrs
 import trio
-from trio_websocket import WebSocketRequest
 
 from atlas.control import messages as wire
 from atlas.control.messages import Reason
@@ -23,6 +22,7 @@ from atlas.sdk._relay import ObjectOffer, Relay, RelayMessage, Undeliverable, as
 from atlas.sdk._requests import request_transfer
 from atlas.sdk._transfers import Transfers
 from atlas.sdk._transport import accept, open_listeners, serve_requests
+from atlas.sdk._websocket import Handshake
 
 __all__ = ["GameServer", "GameServerStatistics"]
 
@@ -286,7 +286,7 @@ class GameServer:
             task_status=task_status,
         )
 
-    async def _route(self, request: WebSocketRequest) -> None:
+    async def _route(self, request: Handshake) -> None:
         if urllib.parse.urlsplit(request.path).path == self.control_path:
             ws = await accept(request)
             if ws is not None:
@@ -436,6 +436,11 @@ class GameServer:
             return f"{self.name} is not accepting players"
         if len(self._players) >= self.capacity:
             return f"{self.name} is full ({len(self._players)}/{self.capacity} players)"
-        if client in self._players:
+        if self._has_connected(client):
             return f"client {client} is already connected to {self.name}"
         return None
+
+    def _has_connected(self, client: str) -> bool:
+        """Whether a player of ``client`` is here and not leaving (one that is leaving may be replaced)."""
+        player = self._players.get(client)
+        return player is not None and player.connected

@@ -9,10 +9,16 @@ next step message, which the reader puts in the transfer's one-slot-per-step inb
 the :class:`~atlas.sdk._handoff.Handoff` phase accepts get there). Every wait has a deadline: Atlas's
 ``timeout_ms`` for the steps it times, and ``handoff_timeout`` for the waits between Atlas's steps.
 
-A task hands its :class:`trio.CancelScope` back through ``task_status.started``. Everything that ends a
-transfer early cancels that scope after recording why: ``transfer.abort`` from Atlas
-(:meth:`Transfer.abort_by_atlas`), the player's link closing, the control channel closing
-(:meth:`Transfer.fail`). A step that goes wrong inside the task raises :class:`Refused` instead,
+A task runs in the :class:`trio.CancelScope` of its record (``Transfer.scope``, also handed back through
+``task_status.started``); the reader starts it with ``start_soon``, so a burst of steps is read without
+waiting for tasks to start, and an abort that comes before the task runs cancels the scope beforehand.
+Everything that ends a transfer early cancels that scope after recording why: ``transfer.abort`` from
+Atlas (:meth:`Transfer.abort_by_atlas`), the player's link closing, the control channel closing
+(:meth:`Transfer.fail`). Two data-plane facts count as Atlas's word too, since the control channel and the
+data link are separate connections and either may be read first: on the source, a client message past
+``transfer.begin``'s ``delivered`` means Atlas rolled back (:meth:`Outgoing.message_beyond_cut`), and the
+link closed with 1000 ``transferred`` after the state went out means Atlas switched the client
+(:meth:`Outgoing.link_closed`). A step that goes wrong inside the task raises :class:`Refused` instead,
 which says whether Atlas must be told (``transfer.reject`` while preparing, ``transfer.abort`` later).
 Either way the task then rolls back outside the cancelled scope:
 
@@ -98,6 +104,8 @@ class Transfer:
     """Atlas's reason, when it sent ``transfer.abort``."""
     local_abort: str | None = None
     """Why this server gave up, when something outside the task ended it (link or channel closed)."""
+    ended: trio.Event = attrs.field(factory=trio.Event)
+    """Set when the transfer's task is done (rolled back, completed or committed)."""
     _inbox_send: trio.MemorySendChannel[AtlasMessage] = attrs.field(init=False)
     _inbox_receive: trio.MemoryReceiveChannel[AtlasMessage] = attrs.field(init=False)
 
@@ -110,6 +118,11 @@ class Transfer:
             self._inbox_send.send_nowait(message)
         except trio.WouldBlock:
             logger.warning("transfer %s: dropping a repeated %s", self.info.id, type(message).__name__)
+
+    @property
+    def ending(self) -> bool:
+        """Whether the transfer is over or rolling back (Atlas aborted it, or this server gave up)."""
+        return self.handoff.done or self.atlas_abort is not None or self.local_abort is not None
 
     def abort_by_atlas(self, reason: str) -> None:
         """Atlas rolled the transfer back."""
@@ -142,6 +155,38 @@ class Outgoing(Transfer):
     """A transfer whose source is this server: ``player`` is leaving."""
 
     player: Player = attrs.field(kw_only=True)
+    delivered: int | None = None
+    """``transfer.begin``'s count, once it came: no more client messages arrive unless Atlas rolled back."""
+    previous: Outgoing | None = attrs.field(default=None, kw_only=True)
+    """The player's previous transfer, still rolling back when this one was announced: this one waits
+    for it to end (its queued sends go out first) before it takes part."""
+
+    def link_closed(self, *, transferred: bool) -> None:
+        """The player's link closed; ``transferred``: with 1000 ``transferred``, from Atlas.
+
+        Atlas closes the source's link that way only once the target owns the client, so after the
+        state went out (HANDED_OFF) that completes the transfer: its ``transfer.complete``, on the
+        control channel, may simply not have been read yet. Anything else ends the transfer here.
+        """
+        if transferred and self.handoff.phase is Phase.HANDED_OFF:
+            self.deliver(TransferComplete(transfer=self.info.id, client=self.info.client))
+        else:
+            self.fail("the client's link closed")
+
+    def message_beyond_cut(self) -> bool:
+        """Whether the player's next message lies past ``transfer.begin``'s count; if so, roll back.
+
+        Atlas relays nothing past ``delivered`` unless it rolled the transfer back (docs/protocol.md,
+        ``transfer.begin``), so such a message *is* the rollback, whether or not its
+        ``transfer.abort`` has been read yet (it may never come: Atlas bounds the time it spends
+        telling servers). Called by the player's reader before it hands the message on.
+        """
+        if self.delivered is None or self.player.received < self.delivered or self.ending:
+            return False
+        self.abort_by_atlas(
+            f"Atlas relayed message {self.delivered + 1} after transfer.begin said {self.delivered}"
+        )
+        return True
 
 
 @attrs.define(eq=False)
@@ -307,11 +352,21 @@ async def run_source(
     finally:
         if player._transfer is out:
             player._transfer = None
+        out.ended.set()
 
 
 async def _source_steps(server: GameServer, out: Outgoing) -> None:
     info = out.info
     player = out.player
+    previous, out.previous = out.previous, None
+    if previous is not None:
+        # Atlas rolled the previous transfer back and started this one at once: let that rollback
+        # finish (the player's queued sends go out, in order) before this one holds anything.
+        with trio.move_on_after(info.timeout):
+            await previous.ended.wait()
+        if not previous.ended.is_set():
+            why = f"transfer {previous.info.id} of this player is still rolling back"
+            raise Refused(why, answer="reject")
     with trio.move_on_after(info.timeout) as deciding:
         agreed = await _call_hook("on_transfer_prepare", server.on_transfer_prepare, info, answer="reject")
     if deciding.cancelled_caught:
@@ -322,6 +377,7 @@ async def _source_steps(server: GameServer, out: Outgoing) -> None:
     out.handoff.advance(Phase.NOTIFIED)
 
     begin = await out.next_step(TransferBegin, server.handoff_timeout)
+    out.delivered = begin.delivered
     out.handoff.advance(Phase.DRAINING)
     with trio.move_on_after(begin.timeout_ms / 1000) as step:
         # Atlas stopped relaying after `delivered` messages; the player's reader processes them in
@@ -367,6 +423,18 @@ async def run_target(
     task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run this server's side of a transfer whose target it is, from ``transfer.prepare`` to the end."""
+    try:
+        await _run_target(server, inc, prepare, task_status)
+    finally:
+        inc.ended.set()
+
+
+async def _run_target(
+    server: GameServer,
+    inc: Incoming,
+    prepare: TransferPrepare,
+    task_status: trio.TaskStatus[trio.CancelScope],
+) -> None:
     refusal: Refused | None = None
     player: Player | None = None
     with inc.scope:
@@ -413,6 +481,13 @@ async def run_target(
 
 async def _target_steps(server: GameServer, inc: Incoming, prepare: TransferPrepare) -> Player:
     info = inc.info
+    leaving = server.players.get(info.client)
+    if leaving is not None and leaving._transfer is not None:
+        # The client's player here is handing off to another server, and Atlas brings the client back:
+        # so that transfer is over at Atlas, only this server has not read its end yet (the control
+        # channel and the link are separate connections). Let it end first (bounded).
+        with trio.move_on_after(info.timeout):
+            await leaving._transfer.ended.wait()
     unwelcome = server._why_not_admit(info.client)
     if unwelcome is not None:
         raise Refused(unwelcome, answer="reject")
@@ -441,7 +516,7 @@ async def _target_steps(server: GameServer, inc: Incoming, prepare: TransferPrep
         assert player is not None  # linked is set together with player
         if not player.connected:
             raise Refused("the transfer's data link closed", answer="abort")
-        if info.client in server.players:  # it connected some other way since transfer.prepare
+        if server._has_connected(info.client):  # it connected some other way since transfer.prepare
             raise Refused(f"client {info.client} is already connected to {server.name}", answer="abort")
         server._install(player)
         await _call_hook("on_transfer_in", server.on_transfer_in, player, commit.state, answer="abort")

@@ -1,9 +1,9 @@
-"""Listening: bind, accept TCP streams, do the WebSocket opening handshake, hand each request on.
+"""Listening: bind, accept TCP streams, read the WebSocket opening handshake, hand each request on.
 
-Every accepted stream gets its own nursery (trio-websocket's reader task lives there) and is the
-per-connection error boundary: whatever goes wrong in one connection is logged and ends that connection
-only. The listeners are bound before anything starts, so a port in use is a plain ``OSError`` from
-``nursery.start``.
+Every accepted stream is the per-connection error boundary: whatever goes wrong in one connection is
+logged and ends that connection only, and its socket is closed when it ends. The WebSocket itself is
+``_websocket.py``'s (no task of its own: the route's tasks read and write it). The listeners are bound
+before anything starts, so a port in use is a plain ``OSError`` from ``nursery.start``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
+
+from atlas.sdk._websocket import Handshake, WebSocket, WebSocketClosed, read_handshake
 
 __all__ = ["HANDSHAKE_TIMEOUT", "accept", "header_map", "open_listeners", "serve_requests"]
 
@@ -24,9 +25,8 @@ logger = logging.getLogger("atlas.sdk")
 HANDSHAKE_TIMEOUT = 10.0
 #: Seconds to wait for the listeners to close.
 _CLOSE_TIMEOUT = 2.0
-_RECEIVE_BUFFER_SIZE = 64 * 1024
 
-Route = Callable[[WebSocketRequest], Awaitable[None]]
+Route = Callable[[Handshake], Awaitable[None]]
 
 
 async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
@@ -63,37 +63,33 @@ async def serve_requests(
 async def _serve_stream(stream: trio.SocketStream, *, route: Route, name: str, max_message_size: int) -> None:
     """One connection, from handshake to close; never raises ``Exception``."""
     try:
-        async with stream, trio.open_nursery() as nursery:
-            request: WebSocketRequest | None = None
-            with trio.move_on_after(HANDSHAKE_TIMEOUT):
-                request = await wrap_server_stream(
-                    nursery,
-                    stream,
-                    max_message_size=max_message_size,
-                    receive_buffer_size=_RECEIVE_BUFFER_SIZE,
-                )
-            try:
-                if request is not None:
-                    await route(request)
-            finally:
-                nursery.cancel_scope.cancel()  # trio-websocket's reader task
-    except* ConnectionClosed:
+        handshake: Handshake | None = None
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            handshake = await read_handshake(stream, max_message_size=max_message_size)
+        if handshake is not None:
+            await route(handshake)
+    except* WebSocketClosed:
         pass  # the peer went away during the handshake or the close
     except* Exception:
         logger.exception("%s: a connection failed", name)
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
-async def accept(request: WebSocketRequest) -> WebSocketConnection | None:
-    """Finish the opening handshake; None if the peer did not take the answer in time."""
+async def accept(handshake: Handshake) -> WebSocket | None:
+    """Finish the opening handshake; None if the peer did not take the answer (in time)."""
     with trio.move_on_after(HANDSHAKE_TIMEOUT):
-        return await request.accept()
+        try:
+            return await handshake.accept()
+        except WebSocketClosed:
+            return None
     return None
 
 
-async def reject(request: WebSocketRequest, status: int, why: str) -> None:
+async def reject(handshake: Handshake, status: int, why: str) -> None:
     """Refuse the opening handshake with an HTTP ``status`` and ``why`` as the body."""
     with trio.move_on_after(HANDSHAKE_TIMEOUT):
-        await request.reject(status, extra_headers=[(b"content-type", b"text/plain")], body=why.encode())
+        await handshake.reject(status, why.encode())
 
 
 def header_map(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
