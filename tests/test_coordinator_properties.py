@@ -174,6 +174,7 @@ class FakeServer:
                 on_request=self.channels.on_request,
             )
             self.channels._set(self.channel)
+            self.nursery.start_soon(self.channel.serve_writes)
 
     async def send_message(self, text: str) -> None:
         """What the control channel sends: handled in a task of its own, as a server would."""

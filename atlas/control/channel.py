@@ -15,6 +15,11 @@ and failovers pass over a server that takes no new players; reset when the chann
 drops fails every request waiting on it (:class:`ChannelClosed`), so a transfer in flight rolls back at
 once rather than at its deadline.
 
+Writes go through an ordered outbox: :meth:`ControlChannel.post` (and ``send``) queue a message without
+waiting, and one writer task per channel (:meth:`ControlChannel.serve_writes`, beside the reader) writes
+them. So a caller whose deadline strikes (a rollback telling servers within ``close_timeout``) never cuts
+a frame in half and leaves the channel unusable, and telling a slow server never holds up a transfer.
+
 Cross-server traffic (``relay.*``, ``object.handoff``) goes to the ``on_relay`` hook, which the relay
 service (relay.py) sets. A target's answer to an ``object.offer`` is a reply like a transfer step's,
 routed by the offer's id to :meth:`ControlChannel.request`; an answer nobody waits for (any more) goes to
@@ -66,6 +71,7 @@ log = logging.getLogger("atlas.control")
 
 _RECONCILE_PERIOD = 1.0
 _MAX_EARLY = 1024
+_OUTBOX = 4096  # messages queued for one server; more means it stopped reading
 _MAX_BACKOFF = 10.0
 _Reply = (
     TransferReady
@@ -108,17 +114,41 @@ class ControlChannel:
     on_relay: Callable[[ControlChannel, RelayTraffic], None] = attrs.field(default=_no_relay)
     on_load: Callable[[Load], None] = attrs.field(default=lambda _load: None)
     _waiting: dict[str, trio.MemorySendChannel[_Reply | None]] = attrs.field(factory=dict)
-    # A refusal nobody was waiting for yet (a source rejecting at `notice`): kept for the next request.
+    # A refusal nobody was waiting for yet (a source rejecting at `notice`): kept for the next request
+    # (the most recent _MAX_EARLY of them: the oldest is forgotten first).
     _early: dict[str, _Reply] = attrs.field(factory=dict)
+    _outbox: trio.MemorySendChannel[str] = attrs.field(init=False)
+    _outgoing: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
 
-    async def send(self, message: AtlasMessage) -> None:
-        """Send one message; :class:`ChannelClosed` if the channel is down."""
+    def __attrs_post_init__(self) -> None:
+        self._outbox, self._outgoing = trio.open_memory_channel[str](_OUTBOX)
+
+    def post(self, message: AtlasMessage) -> None:
+        """Queue one message for :meth:`serve_writes`, in order, without waiting.
+
+        Raises :class:`ChannelClosed` if the channel is down or its outbox is full (the server stopped
+        reading). A message is written whole or not at all: nobody's cancellation can cut one in half.
+        """
         if not self.ready:
             raise ChannelClosed(f"control channel of {self.backend} is down")
         try:
-            await self.ws.send_message(encode(message))
-        except trio_websocket.ConnectionClosed:
-            raise ChannelClosed(f"control channel of {self.backend} closed") from None
+            self._outbox.send_nowait(encode(message))
+        except trio.WouldBlock:
+            raise ChannelClosed(f"control channel of {self.backend} is not keeping up") from None
+
+    async def send(self, message: AtlasMessage) -> None:
+        """:meth:`post`, then a checkpoint (for callers in a loop)."""
+        self.post(message)
+        await trio.lowlevel.checkpoint()
+
+    async def serve_writes(self) -> None:
+        """Write the outbox to the server until the channel drops (run beside the reader)."""
+        async for text in self._outgoing:
+            try:
+                await self.ws.send_message(text)
+            except trio_websocket.ConnectionClosed:
+                self._drop()
+                return
 
     async def request(self, message: AtlasMessage, transfer: str) -> _Reply:
         """Send ``message`` and wait for the server's reply about ``transfer`` (caller bounds the wait).
@@ -164,7 +194,9 @@ class ControlChannel:
             return
         waiter = self._waiting.get(message.transfer)
         if waiter is None:
-            if isinstance(message, TransferReject | TransferAbort) and len(self._early) < _MAX_EARLY:
+            if isinstance(message, TransferReject | TransferAbort):
+                if len(self._early) >= _MAX_EARLY:
+                    del self._early[next(iter(self._early))]
                 self._early[message.transfer] = message
             else:
                 log.debug("control %s: no transfer %s waits for %s", self.backend, message.transfer, message)
@@ -178,6 +210,7 @@ class ControlChannel:
 
     def _drop(self) -> None:
         self.ready = False
+        self._outbox.close()  # serve_writes ends; later posts raise ChannelClosed
         for waiter in self._waiting.values():
             with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
                 waiter.send_nowait(None)
@@ -291,6 +324,7 @@ async def _serve_one(runtime: Runtime, channels: ControlChannels, backend: str, 
             )
             channels._set(channel)
             log.info("control channel of %s up (%s)", backend, first.server, extra={"server": backend})
+            nursery.start_soon(channel.serve_writes)
             try:
                 await _read(channel)
             finally:

@@ -86,7 +86,8 @@ class TransferOutcome:
     failure: str | None
     duration: float
     stall: float | None = None
-    """Seconds from the source's last relayed message to the target's first (when known yet)."""
+    """Seconds from the cut (Atlas stopped relaying the source) to the target's first message relayed,
+    if that came before the transfer ended; ``atlas_transfer_stall_seconds`` records every one."""
     hold: float | None = None
     """Seconds the client's messages were held: from the hold taking effect to the switch (or rollback).
 
@@ -163,7 +164,7 @@ class _Metrics:
         )
         self.stall = Histogram(
             "atlas_transfer_stall_seconds",
-            "Client-visible stall: from the source's last relayed message to the target's first.",
+            "Client-visible stall: from the cut (the source no longer relayed) to the target's first.",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=registry,
         )
@@ -335,12 +336,20 @@ class TransferCoordinator:
         if request.prepare_ttl is not None:
             await self._wait_for_go(request)
             deadline = trio.current_time() + timeout  # a used preparation gets a fresh budget
+        old: BackendLink | None = None
         with trio.move_on_at(deadline):
-            await self._cut_over(request)
-        if not record.done and record.can_roll_back:
+            old = await self._cut_over(request)
+        if old is None:
             raise _RollBack(f"timed out while {record.phase.value}")
-        if record.phase is Phase.SWITCHED:
-            record.advance(Phase.COMPLETED)  # the source's side timed out: the client is safe
+        # The target owns the client: finishing the source's side cannot fail the transfer, and it is
+        # not cut short by the transfer's deadline (an old link closed without its Close handshake may
+        # be reset, and lose the last client messages its backend had not read). Bounded on its own.
+        with trio.CancelScope(shield=True), trio.move_on_after(2 * self.runtime.proxy.close_timeout):
+            source_channel = self.channels.get(record.source)
+            if source_channel is not None and not record.blind:
+                await _tell(source_channel, TransferComplete(transfer=record.id, client=record.client_id))
+            await request.session.retire_link(old)
+        record.advance(Phase.COMPLETED)
 
     def _forget(self, request: _Request) -> None:
         client_id = request.record.client_id
@@ -474,7 +483,8 @@ class TransferCoordinator:
             raise _RollBack(f"cannot connect to {record.target}: {exc.reason}") from None
         record.advance(Phase.PREPARED)
 
-    async def _cut_over(self, request: _Request) -> None:
+    async def _cut_over(self, request: _Request) -> BackendLink:
+        """Hold, hand off, cut and switch; returns the source's link, still open (the caller retires it)."""
         record = request.record
         session = request.session
         assert request.new_link is not None
@@ -487,6 +497,7 @@ class TransferCoordinator:
         record.advance(Phase.HOLDING)
         if source_channel is None or target_channel is None:
             await session.cut_backend(None)
+            cut_at = trio.current_time()
         else:
             record.advance(Phase.HANDING_OFF)
             state = await _ask(
@@ -503,6 +514,7 @@ class TransferCoordinator:
                 raise _RollBack(f"{record.source} refused: {_why(state)}")
             record.advance(Phase.CUTTING)
             await session.cut_backend(state.sent)
+            cut_at = trio.current_time()
             record.advance(Phase.COMMITTING)
             reply = await _ask(
                 target_channel,
@@ -517,15 +529,11 @@ class TransferCoordinator:
             raise _RollBack("the client or the target link went away")
         held = session.up.held_messages()
         request.new_link.on_first_message = self._metrics.stall.observe
-        old = session.switch_to(request.new_link)
+        old = session.switch_to(request.new_link, stall_from=cut_at)
         request.new_link = None  # the session owns it now
         record.advance(Phase.SWITCHED)
         self._metrics.held.observe(held)
-        # The target owns the client: finishing the source's side cannot fail the transfer.
-        if source_channel is not None:
-            await _tell(source_channel, TransferComplete(transfer=record.id, client=record.client_id))
-        await session.retire_link(old)
-        record.advance(Phase.COMPLETED)
+        return old
 
     async def _roll_back(self, request: _Request, why: str) -> None:
         record = request.record

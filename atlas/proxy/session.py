@@ -125,7 +125,8 @@ class BackendLink:
     up_base: int = 0
     """Client messages delivered to earlier links when this link became current (it got the rest)."""
     stall_from: float | None = None
-    """When the previous link's last message was relayed (a transfer's cut), until this link's first."""
+    """When the previous link stopped being relayed (a transfer's cut took effect), until this link's
+    first message: the client-visible stall, which includes the commit round trip of an SDK transfer."""
     on_first_message: Callable[[float], None] | None = None
     """Told the client-visible stall (seconds) when this link relays its first message after a switch."""
     released: trio.Event | None = None
@@ -302,15 +303,17 @@ class ClientSession:
             await self._settled.wait()
             self._settled = trio.Event()
 
-    def switch_to(self, new: BackendLink) -> BackendLink:
+    def switch_to(self, new: BackendLink, *, stall_from: float | None = None) -> BackendLink:
         """Make ``new`` the client's link and lift the holds; returns the old link, still open.
 
         Call only while both holds are in effect (after :meth:`hold_client` and :meth:`cut_backend`).
+        ``stall_from``: when the old link's last message was relayed (the cut took effect; default now):
+        the client-visible stall is measured from there to ``new``'s first message.
         """
         old = self.link
         self._down_before += old.scanner.messages
         new.up_base = self._up.delivered
-        new.stall_from = trio.current_time()
+        new.stall_from = trio.current_time() if stall_from is None else stall_from
         self.last_stall = None
         self._install(new)
         old.scope.cancel()
