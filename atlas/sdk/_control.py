@@ -287,7 +287,9 @@ async def _route(
             # Atlas waits for an answer to these: give it one rather than let it run into its deadline.
             await _refuse(server, channel, message.transfer, ended or "unknown transfer")
         elif ended is None:
-            logger.warning("%s: ignoring %s for unknown transfer %s", server.name, name, message.transfer)
+            # A late complete needs nothing (the link's Close said it first); a stray abort is worth a look.
+            level = logging.DEBUG if isinstance(message, TransferComplete) else logging.WARNING
+            logger.log(level, "%s: ignoring %s for unknown transfer %s", server.name, name, message.transfer)
         return
     if record.channel is not channel:
         logger.warning(

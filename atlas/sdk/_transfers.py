@@ -73,7 +73,7 @@ logger = logging.getLogger("atlas.sdk")
 #: Seconds a rollback hook (``on_transfer_aborted``, ``on_transfer_in_aborted``) may take.
 HOOK_CLEANUP_TIMEOUT = 5.0
 #: How many ended transfers are remembered, to answer late steps about them with their reason.
-_REMEMBERED = 256
+_REMEMBERED = 4096
 # Room for each step message Atlas may send in one phase, plus one duplicate.
 _INBOX_SIZE = 2
 
