@@ -17,6 +17,7 @@ from atlas.config import (
     AdminConfig,
     Algorithm,
     AnalyzerConfig,
+    AuthConfig,
     BalancerConfig,
     CellConfig,
     Config,
@@ -133,7 +134,10 @@ def test_integer_seconds_become_floats() -> None:
 
 
 def test_documented_examples_parse() -> None:
-    full, small, _invalid = toml_blocks(DOCS.read_text(encoding="utf-8"), "toml")
+    blocks = toml_blocks(DOCS.read_text(encoding="utf-8"), "toml")
+    full, small, examples = blocks[0], blocks[1], blocks[2:-1]  # the last one is the invalid file
+    for example in examples:
+        Config.from_toml(example)
     assert Config.from_toml(full) == Config.default()
     assert Config.from_toml(full).to_toml() == full
     config = Config.from_toml(small)
@@ -144,7 +148,7 @@ def test_documented_examples_parse() -> None:
 
 def test_documented_error_example_is_exact() -> None:
     markdown = DOCS.read_text(encoding="utf-8")
-    invalid = toml_blocks(markdown, "toml")[2]
+    invalid = toml_blocks(markdown, "toml")[-1]
     expected = toml_blocks(markdown, "text")[0]
     assert errors_of(invalid) == expected.splitlines()
 
@@ -167,6 +171,7 @@ def test_docs_describe_every_key() -> None:
         RegionConfig,
         CellConfig,
         PredictorConfig,
+        AuthConfig,
     ):
         for field in record.__attrs_attrs__:
             assert f"| `{field.name}` |" in markdown, field.name

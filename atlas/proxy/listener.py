@@ -87,6 +87,7 @@ _REFUSAL_REASONS = {
     502: "backend_failed",
     503: "unavailable",
     504: "handshake_timeout",
+    401: "unauthorized",
     426: "not_websocket",
     405: "bad_request",
     400: "bad_request",
@@ -336,6 +337,7 @@ async def handle_client(
         close_timeout=config.close_timeout,
         pending=pending,
         reactor=reactor,
+        player_id=request.player_id,
     )
     clients.add(session)
     taps.attach(session)
@@ -390,6 +392,8 @@ async def _handshake(
             request, pending = await receive_upgrade(stream)
             if not runtime.accepting:
                 raise HandshakeError(503, "Atlas is shutting down")
+            if runtime.verifier is not None:
+                request = runtime.verifier.verify(request)  # 401 before any backend is contacted
             # Clients still handshaking count too, or a burst could overshoot the limit.
             if len(clients) + runtime.handshaking > config.max_connections:
                 raise HandshakeError(503, "too many connections")
