@@ -367,6 +367,21 @@ def _server_tuple(value: Iterable[ServerConfig]) -> tuple[ServerConfig, ...]:
     return tuple(value)
 
 
+_WEB_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def _validate_origins(
+    _instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    problems = [
+        (f"[{i}]", f"not an origin (scheme://host[:port], no path or trailing /), got {origin!r}")
+        for i, origin in enumerate(value)
+        if _WEB_ORIGIN.fullmatch(origin) is None
+    ]
+    if problems:
+        raise _ElementErrors(attribute.name, problems)
+
+
 # ------------------------------------------------------------------------------------------------
 # Records
 # ------------------------------------------------------------------------------------------------
@@ -398,6 +413,10 @@ class ProxyConfig:
     """Seconds in the ``Retry-After`` header of a 503 (no backend can take the client)."""
     validate_utf8: bool = True
     """Check that text messages are valid UTF-8 (RFC 6455 8.1); an invalid one closes with 1007."""
+    allowed_origins: tuple[str, ...] = attrs.field(
+        default=(), converter=_str_tuple, validator=_validate_origins
+    )
+    """Origins (``scheme://host[:port]``) an upgrade may come from; empty: any, or none. Else 403."""
 
     @property
     def listen_address(self) -> ListenAddress:

@@ -219,6 +219,14 @@ proxies = st.builds(
     connect_attempts=positive_ints,
     retry_after=st.integers(0, 2**63 - 1),
     validate_utf8=st.booleans(),
+    allowed_origins=st.lists(
+        st.builds(
+            "{}://{}{}".format,
+            st.sampled_from(["http", "https", "app"]),
+            hostnames,
+            st.sampled_from(["", ":8080"]),
+        )
+    ).map(tuple),
 )
 servers = st.builds(
     ServerConfig,

@@ -33,6 +33,7 @@ import attrs
 import trio
 
 from atlas.errors import HandshakeError, StartupError
+from atlas.proxy.admission import check_origin
 from atlas.proxy.frames import CloseCode, FrameScanner
 from atlas.proxy.handshake import (
     BackendHandshake,
@@ -88,6 +89,7 @@ _REFUSAL_REASONS = {
     503: "unavailable",
     504: "handshake_timeout",
     401: "unauthorized",
+    403: "forbidden_origin",
     426: "not_websocket",
     405: "bad_request",
     400: "bad_request",
@@ -392,6 +394,8 @@ async def _handshake(
             request, pending = await receive_upgrade(stream)
             if not runtime.accepting:
                 raise HandshakeError(503, "Atlas is shutting down")
+            if runtime.origins is not None:
+                check_origin(request, runtime.origins)
             if runtime.verifier is not None:
                 request = runtime.verifier.verify(request)  # 401 before any backend is contacted
             # Clients still handshaking count too, or a burst could overshoot the limit.
