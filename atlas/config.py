@@ -395,6 +395,8 @@ class ProxyConfig:
     """Address clients connect to, ``host:port`` (``[v6]:port`` for IPv6); see `listen_address`."""
     max_connections: int = attrs.field(default=10000, validator=_at_least(1))
     """Most client connections open at once, in total; further upgrades are refused with 503."""
+    max_connections_per_ip: int = attrs.field(default=0, validator=_at_least(0))
+    """Most connections open at once from one client IP address (live and handshaking); 0: no limit."""
     max_message_size: int = attrs.field(default=1048576, validator=_at_least(125))
     """Largest message, and largest single frame, in bytes; a bigger one closes with 1009."""
     handshake_timeout: float = attrs.field(default=10.0, validator=_seconds(allow_zero=False))

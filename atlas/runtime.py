@@ -17,7 +17,7 @@ from atlas.errors import StartupError
 from atlas.health import HealthMonitor
 from atlas.ops.metrics import AtlasMetrics
 from atlas.pool import Backend, BackendPool, BackendState, make_balancer
-from atlas.proxy.admission import origin_set
+from atlas.proxy.admission import IpLimiter, origin_set
 from atlas.proxy.auth import TokenVerifier
 from atlas.proxy.clients import ClientRegistry
 from atlas.skim import Dispatcher
@@ -76,12 +76,16 @@ class Runtime:
     """The predictive region service, once the supervisor started it (needs skimming and a predictor)."""
     origins: frozenset[bytes] | None = attrs.field(init=False)
     """``[proxy] allowed_origins`` as the handshake compares them; None when any origin is allowed."""
+    ip_limiter: IpLimiter | None = attrs.field(init=False)
+    """Connections per client address (``[proxy] max_connections_per_ip``); None without a limit."""
     verifier: TokenVerifier | None = None
     """The handshake's token check (``[auth] enabled``), built once; None when token auth is off."""
     _remove_when_empty: set[str] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.origins = origin_set(self.config.proxy.allowed_origins)
+        per_ip = self.config.proxy.max_connections_per_ip
+        self.ip_limiter = IpLimiter(per_ip) if per_ip else None
         self.metrics = AtlasMetrics(self)
         self.health = HealthMonitor(
             self.config.health, self.config.outlier, metrics=self.metrics, backends=self.pool

@@ -317,11 +317,12 @@ def test_401_response_asks_for_a_bearer_token() -> None:
 
 @asynccontextmanager
 async def recording_backend() -> AsyncIterator[tuple[int, list[WebSocketRequest]]]:
-    """A backend that records every upgrade request, echoes its path, then echoes messages."""
+    """A backend that records players' upgrade requests (not health probes) and echoes path and messages."""
     seen: list[WebSocketRequest] = []
 
     async def handler(request: WebSocketRequest) -> None:
-        seen.append(request)
+        if not any(name.lower() == b"x-atlas-health-check" for name, _value in request.headers):
+            seen.append(request)
         ws = await request.accept()
         await ws.send_message(request.path)
         with contextlib.suppress(ConnectionClosed):

@@ -210,6 +210,7 @@ proxies = st.builds(
     ProxyConfig,
     listen=listen_addresses.map(str),
     max_connections=positive_ints,
+    max_connections_per_ip=st.integers(0, 2**63 - 1),
     max_message_size=st.integers(125, 2**63 - 1),
     handshake_timeout=seconds_positive,
     idle_timeout=seconds_or_zero,
