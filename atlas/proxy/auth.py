@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-import attrs
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -100,23 +99,25 @@ def _load_public_key(config: AuthConfig) -> Any:
     return key
 
 
-@attrs.frozen
 class TokenVerifier:
-    """Verifies the bearer tokens of upgrade requests against one ``[auth]`` table (built once)."""
+    """Verifies the bearer tokens of upgrade requests against one ``[auth]`` table.
 
-    config: AuthConfig
-    key: Any
-    """The HMAC secret, or the loaded public key."""
-    _decoder: jwt.PyJWT = attrs.field(factory=lambda: jwt.PyJWT({"verify_signature": True}))
-    _query_param: bytes = attrs.field(init=False)
-    _require: list[str] = attrs.field(init=False)
+    Built once (:meth:`from_config`): the key, the decoder and its options are prepared here, so a
+    handshake pays for the signature check and little else.
+    """
 
-    def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "_query_param", self.config.query_param.encode("ascii"))
-        require = [self.config.claim]
-        require += ["iss"] if self.config.issuer else []
-        require += ["aud"] if self.config.audience else []
-        object.__setattr__(self, "_require", require)
+    def __init__(self, config: AuthConfig, key: Any) -> None:
+        """``key``: the HMAC secret, or the loaded public key."""
+        self.config = config
+        self.key = key
+        require = [config.claim]
+        require += ["iss"] if config.issuer else []
+        require += ["aud"] if config.audience else []
+        self._decoder = jwt.PyJWT({"require": require})
+        self._algorithms = list(config.algorithms)
+        self._issuer = config.issuer or None
+        self._audience = config.audience or None
+        self._query_param = config.query_param.encode("ascii")
 
     @classmethod
     def from_config(cls, config: AuthConfig) -> TokenVerifier:
@@ -144,25 +145,24 @@ class TokenVerifier:
         token, target = self.token_of(request)
         if token is None:
             raise HandshakeError(401, "missing bearer token")
-        config = self.config
         try:
             claims = self._decoder.decode(
                 token,
                 self.key,
-                algorithms=list(config.algorithms),
-                issuer=config.issuer or None,
-                audience=config.audience or None,
-                leeway=config.leeway,
-                options={"require": self._require},
+                algorithms=self._algorithms,
+                issuer=self._issuer,
+                audience=self._audience,
+                leeway=self.config.leeway,
             )
         except jwt.InvalidTokenError as exc:
             raise HandshakeError(401, _reason(exc)) from None
-        player = claims.get(config.claim)
+        claim = self.config.claim
+        player = claims.get(claim)
         if (
             not isinstance(player, str)
             or not 0 < len(player) <= _MAX_PLAYER_ID
             or not player.isprintable()
             or player != player.strip()
         ):
-            raise HandshakeError(401, f"token's {config.claim!r} claim is not a usable player id")
-        return attrs.evolve(request, target=target, player_id=player)
+            raise HandshakeError(401, f"token's {claim!r} claim is not a usable player id")
+        return UpgradeRequest(target, request.key, request.subprotocols, request.headers, player)
