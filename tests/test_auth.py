@@ -25,7 +25,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 from atlas.config import AuthConfig, Config, ProxyConfig, ServerConfig
 from atlas.errors import ConfigError, HandshakeError, StartupError
 from atlas.proxy.auth import TokenVerifier, strip_query_param
-from atlas.proxy.handshake import UpgradeRequest, reject_response
+from atlas.proxy.handshake import UpgradeRequest, client_request_part, reject_response
 from atlas.runtime import Runtime
 from atlas.supervisor import AtlasStarted, serve_atlas
 from tests.test_proxy_e2e import EPHEMERAL_ADMIN
@@ -433,3 +433,16 @@ async def test_auth_off_forwards_no_player_id_and_keeps_the_query() -> None:
             with trio.fail_after(10):
                 assert await ws.get_message() == "/?token=abc"
         assert b"x-atlas-player-id" not in {k.lower() for k, _v in seen[0].headers}
+
+
+def test_every_backend_link_carries_the_verified_player_id_only() -> None:
+    # The header lines of every link of a client (first, failover, transfer) come from its request.
+    spoofed = upgrade(headers=[(b"x-atlas-player-id", b"admin")])
+    assert b"x-atlas-player-id" not in client_request_part(spoofed, "10.0.0.1", "c-1")
+    verified = TokenVerifier.from_config(HS).verify(
+        upgrade(headers=[(b"x-atlas-player-id", b"admin"), *bearer(token())])
+    )
+    lines = client_request_part(verified, "10.0.0.1", "c-1").split(b"\r\n")
+    assert [line for line in lines if line.startswith(b"x-atlas-player-id")] == [
+        b"x-atlas-player-id: player-7"
+    ]
