@@ -43,6 +43,7 @@ __all__ = [
     "AdminConfig",
     "Algorithm",
     "AnalyzerConfig",
+    "AuthConfig",
     "BalancerConfig",
     "CellConfig",
     "Config",
@@ -366,6 +367,21 @@ def _server_tuple(value: Iterable[ServerConfig]) -> tuple[ServerConfig, ...]:
     return tuple(value)
 
 
+_WEB_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def _validate_origins(
+    _instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    problems = [
+        (f"[{i}]", f"not an origin (scheme://host[:port], no path or trailing /), got {origin!r}")
+        for i, origin in enumerate(value)
+        if _WEB_ORIGIN.fullmatch(origin) is None
+    ]
+    if problems:
+        raise _ElementErrors(attribute.name, problems)
+
+
 # ------------------------------------------------------------------------------------------------
 # Records
 # ------------------------------------------------------------------------------------------------
@@ -379,6 +395,8 @@ class ProxyConfig:
     """Address clients connect to, ``host:port`` (``[v6]:port`` for IPv6); see `listen_address`."""
     max_connections: int = attrs.field(default=10000, validator=_at_least(1))
     """Most client connections open at once, in total; further upgrades are refused with 503."""
+    max_connections_per_ip: int = attrs.field(default=0, validator=_at_least(0))
+    """Most connections open at once from one client IP address (live and handshaking); 0: no limit."""
     max_message_size: int = attrs.field(default=1048576, validator=_at_least(125))
     """Largest message, and largest single frame, in bytes; a bigger one closes with 1009."""
     handshake_timeout: float = attrs.field(default=10.0, validator=_seconds(allow_zero=False))
@@ -397,6 +415,10 @@ class ProxyConfig:
     """Seconds in the ``Retry-After`` header of a 503 (no backend can take the client)."""
     validate_utf8: bool = True
     """Check that text messages are valid UTF-8 (RFC 6455 8.1); an invalid one closes with 1007."""
+    allowed_origins: tuple[str, ...] = attrs.field(
+        default=(), converter=_str_tuple, validator=_validate_origins
+    )
+    """Origins (``scheme://host[:port]``) an upgrade may come from; empty: any, or none. Else 403."""
 
     @property
     def listen_address(self) -> ListenAddress:
@@ -741,6 +763,103 @@ class AdminConfig:
     network, or switch this off)."""
 
 
+#: JWT algorithms `AuthConfig.algorithms` accepts: HMAC (``HS*``) and public-key (``RS*``, ``PS*``, ``ES*``).
+JWT_ALGORITHMS = (
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+)
+_QUERY_PARAM = re.compile(r"[A-Za-z0-9._~-]+")
+
+
+def _validate_algorithms(
+    _instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    if not value:
+        raise ValueError("must list at least one algorithm")
+    problems = []
+    for i, name in enumerate(value):
+        if name.lower() == "none":
+            problems.append((f"[{i}]", "'none' is refused: it would accept unsigned tokens"))
+        elif name not in JWT_ALGORITHMS:
+            problems.append(
+                (f"[{i}]", f"unsupported algorithm {name!r} (one of {', '.join(JWT_ALGORITHMS)})")
+            )
+    if problems:
+        raise _ElementErrors(attribute.name, problems)
+
+
+def _validate_claim(_instance: object, _attribute: attrs.Attribute[str], value: str) -> None:
+    if not value:
+        raise ValueError("must not be empty")
+
+
+def _validate_query_param(_instance: object, _attribute: attrs.Attribute[str], value: str) -> None:
+    if value and _QUERY_PARAM.fullmatch(value) is None:
+        raise ValueError(f"must be empty or letters, digits and . _ ~ -, got {value!r}")
+
+
+@attrs.frozen
+class AuthConfig:
+    """The ``[auth]`` table: JWT bearer tokens checked at the WebSocket handshake."""
+
+    enabled: bool = False
+    """Require a valid token on every upgrade; a missing or invalid one is answered 401."""
+    algorithms: tuple[str, ...] = attrs.field(
+        default=("HS256",), converter=_str_tuple, validator=_validate_algorithms
+    )
+    """Algorithms a token may be signed with (an allow-list; ``none`` is refused)."""
+    secret: str = ""
+    """The shared secret of the ``HS*`` algorithms (at least as many bytes as the hash)."""
+    public_key_file: str = ""
+    """PEM file with the public key of the ``RS*``, ``PS*`` and ``ES*`` algorithms, read at start-up."""
+    issuer: str = ""
+    """Required ``iss`` claim; empty: not checked."""
+    audience: str = ""
+    """Required ``aud`` claim; empty: not checked (a token carrying ``aud`` is then refused)."""
+    leeway: float = attrs.field(default=0.0, validator=_seconds(allow_zero=True))
+    """Seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat``."""
+    claim: str = attrs.field(default="sub", validator=_validate_claim)
+    """The claim that holds the player id (a non-empty string)."""
+    query_param: str = attrs.field(default="token", validator=_validate_query_param)
+    """Query parameter that may carry the token (when there is no ``Authorization`` header); empty: none."""
+
+    def __attrs_post_init__(self) -> None:
+        # Checked when the record is built (the per-field pass has checked each key alone): only an
+        # enabled table must be complete. Reported at the key, ``auth.secret: required by HS256``.
+        problem = self._incomplete() if self.enabled else None
+        if problem is not None:
+            raise _ElementErrors("auth", [(f".{problem[0]}", problem[1])])
+
+    def _incomplete(self) -> tuple[str, str] | None:
+        """The key that the enabled table misses or gets wrong, and why; None when it is complete."""
+        hmac = [name for name in self.algorithms if name.startswith("HS")]
+        public = [name for name in self.algorithms if not name.startswith("HS")]
+        if hmac and public:
+            return (
+                "algorithms",
+                "HS* and public-key algorithms cannot be mixed (a public key must not pass as a secret)",
+            )
+        if public:
+            return ("public_key_file", f"required by {public[0]}") if not self.public_key_file else None
+        if not self.secret:
+            return "secret", f"required by {hmac[0]}"
+        strongest = max(hmac, key=lambda name: int(name[2:]))
+        needed, length = int(strongest[2:]) // 8, len(self.secret.encode("utf-8"))
+        if length < needed:
+            return "secret", f"must be at least {needed} bytes for {strongest} (RFC 7518 3.2), got {length}"
+        return None
+
+
 @attrs.frozen
 class Config:
     """A whole Atlas configuration.
@@ -780,6 +899,8 @@ class Config:
     """The ``[world]`` table."""
     predictor: PredictorConfig = PredictorConfig()
     """The ``[predictor]`` table."""
+    auth: AuthConfig = AuthConfig()
+    """The ``[auth]`` table."""
 
     @classmethod
     def default(cls) -> Config:
@@ -898,6 +1019,7 @@ _RECORDS = (
     CellConfig,
     WorldConfig,
     PredictorConfig,
+    AuthConfig,
     Config,
 )
 

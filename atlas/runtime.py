@@ -17,6 +17,8 @@ from atlas.errors import StartupError
 from atlas.health import HealthMonitor
 from atlas.ops.metrics import AtlasMetrics
 from atlas.pool import Backend, BackendPool, BackendState, make_balancer
+from atlas.proxy.admission import IpLimiter, origin_set
+from atlas.proxy.auth import TokenVerifier
 from atlas.proxy.clients import ClientRegistry
 from atlas.skim import Dispatcher
 from atlas.world import Box, Cell, Grid, RegionConflict, Vec3, WorldMap
@@ -72,9 +74,18 @@ class Runtime:
     """The cross-server relay, once the supervisor started it."""
     regions: RegionService | None = None
     """The predictive region service, once the supervisor started it (needs skimming and a predictor)."""
+    origins: frozenset[bytes] | None = attrs.field(init=False)
+    """``[proxy] allowed_origins`` as the handshake compares them; None when any origin is allowed."""
+    ip_limiter: IpLimiter | None = attrs.field(init=False)
+    """Connections per client address (``[proxy] max_connections_per_ip``); None without a limit."""
+    verifier: TokenVerifier | None = None
+    """The handshake's token check (``[auth] enabled``), built once; None when token auth is off."""
     _remove_when_empty: set[str] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
+        self.origins = origin_set(self.config.proxy.allowed_origins)
+        per_ip = self.config.proxy.max_connections_per_ip
+        self.ip_limiter = IpLimiter(per_ip) if per_ip else None
         self.metrics = AtlasMetrics(self)
         self.health = HealthMonitor(
             self.config.health, self.config.outlier, metrics=self.metrics, backends=self.pool
@@ -110,7 +121,10 @@ class Runtime:
                 tap_buffer=config.skim.tap_buffer,
                 batch_interval=config.skim.batch_interval,
             )
-        return cls(config=config, pool=pool, world=world_from_config(config.world), skim=skim)
+        verifier = TokenVerifier.from_config(config.auth) if config.auth.enabled else None
+        return cls(
+            config=config, pool=pool, world=world_from_config(config.world), skim=skim, verifier=verifier
+        )
 
     def cancel_removal(self, name: str) -> None:
         """Forget a pending "remove once empty" of ``name`` (a new backend took the name)."""

@@ -17,6 +17,7 @@ from atlas.config import (
     AdminConfig,
     Algorithm,
     AnalyzerConfig,
+    AuthConfig,
     BalancerConfig,
     CellConfig,
     Config,
@@ -133,7 +134,10 @@ def test_integer_seconds_become_floats() -> None:
 
 
 def test_documented_examples_parse() -> None:
-    full, small, _invalid = toml_blocks(DOCS.read_text(encoding="utf-8"), "toml")
+    blocks = toml_blocks(DOCS.read_text(encoding="utf-8"), "toml")
+    full, small, examples = blocks[0], blocks[1], blocks[2:-1]  # the last one is the invalid file
+    for example in examples:
+        Config.from_toml(example)
     assert Config.from_toml(full) == Config.default()
     assert Config.from_toml(full).to_toml() == full
     config = Config.from_toml(small)
@@ -144,7 +148,7 @@ def test_documented_examples_parse() -> None:
 
 def test_documented_error_example_is_exact() -> None:
     markdown = DOCS.read_text(encoding="utf-8")
-    invalid = toml_blocks(markdown, "toml")[2]
+    invalid = toml_blocks(markdown, "toml")[-1]
     expected = toml_blocks(markdown, "text")[0]
     assert errors_of(invalid) == expected.splitlines()
 
@@ -167,6 +171,7 @@ def test_docs_describe_every_key() -> None:
         RegionConfig,
         CellConfig,
         PredictorConfig,
+        AuthConfig,
     ):
         for field in record.__attrs_attrs__:
             assert f"| `{field.name}` |" in markdown, field.name
@@ -205,6 +210,7 @@ proxies = st.builds(
     ProxyConfig,
     listen=listen_addresses.map(str),
     max_connections=positive_ints,
+    max_connections_per_ip=st.integers(0, 2**63 - 1),
     max_message_size=st.integers(125, 2**63 - 1),
     handshake_timeout=seconds_positive,
     idle_timeout=seconds_or_zero,
@@ -214,6 +220,14 @@ proxies = st.builds(
     connect_attempts=positive_ints,
     retry_after=st.integers(0, 2**63 - 1),
     validate_utf8=st.booleans(),
+    allowed_origins=st.lists(
+        st.builds(
+            "{}://{}{}".format,
+            st.sampled_from(["http", "https", "app"]),
+            hostnames,
+            st.sampled_from(["", ":8080"]),
+        )
+    ).map(tuple),
 )
 servers = st.builds(
     ServerConfig,

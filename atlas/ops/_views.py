@@ -64,6 +64,7 @@ def client_view(session: ClientSession) -> dict[str, Any]:
     return {
         "id": session.client_id,
         "peer": session.peer,
+        "player": session.player_id,
         "server": session.link.backend.name,
         "connected_at": iso_utc(session.connected_at),
         "messages_up": session.messages_up,

@@ -301,6 +301,8 @@ class UpgradeRequest:
     """The offered subprotocols, in the client's order."""
     headers: Headers
     """All request headers, names lower-cased."""
+    player_id: str | None = None
+    """The player id of the client's verified token (``[auth]``), forwarded as ``X-Atlas-Player-Id``."""
 
     def header(self, name: bytes) -> bytes | None:
         """The value of header ``name`` (lower-case), repeated values joined with ``, ``."""
@@ -416,6 +418,8 @@ def reject_response(status: int, message: str, *, retry_after: int | None = None
     ]
     if retry_after is not None:
         headers.append((b"retry-after", str(retry_after).encode()))
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
     if status == 426:
         headers.extend([(b"upgrade", b"websocket"), (b"sec-websocket-version", b"13")])
     return b"HTTP/1.1 %d \r\n%s\r\n%s" % (status, _encode_headers(headers), body)
@@ -478,6 +482,9 @@ def _client_headers(
     if original_host:
         headers.append((b"x-forwarded-host", original_host))
     headers.append((b"x-atlas-client-id", client_id.encode("ascii")))
+    if request.player_id is not None:
+        # Only a verified id: a client's own X-Atlas-Player-Id is not among the forwarded headers.
+        headers.append((b"x-atlas-player-id", request.player_id.encode("utf-8")))
     return headers
 
 

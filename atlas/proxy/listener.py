@@ -33,6 +33,7 @@ import attrs
 import trio
 
 from atlas.errors import HandshakeError, StartupError
+from atlas.proxy.admission import check_origin
 from atlas.proxy.frames import CloseCode, FrameScanner
 from atlas.proxy.handshake import (
     BackendHandshake,
@@ -87,6 +88,9 @@ _REFUSAL_REASONS = {
     502: "backend_failed",
     503: "unavailable",
     504: "handshake_timeout",
+    401: "unauthorized",
+    403: "forbidden_origin",
+    429: "ip_limit",
     426: "not_websocket",
     405: "bad_request",
     400: "bad_request",
@@ -94,8 +98,13 @@ _REFUSAL_REASONS = {
 }
 
 
+#: Refusals whose answer carries ``Retry-After``.
+_RETRY_LATER = frozenset((503, 429))
+
+
 async def _refuse(stream: trio.abc.Stream, exc: HandshakeError, retry_after: int) -> None:
-    data = reject_response(exc.status, exc.reason, retry_after=retry_after if exc.status == 503 else None)
+    retry = retry_after if exc.status in _RETRY_LATER else None
+    data = reject_response(exc.status, exc.reason, retry_after=retry)
     with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await stream.send_all(data)
 
@@ -311,13 +320,38 @@ async def handle_client(
     With a ``reactor``, the session lends its plain-socket directions to it (atlas.proxy.reactor).
     """
     taps = taps if taps is not None else SkimTaps(runtime)
-    clients = runtime.clients
     client_ip, peer = _peer(stream)
+    limiter = runtime.ip_limiter
+    if limiter is None:
+        await _serve_client(runtime, stream, taps, reactor, client_ip, peer, over_limit=False)
+        return
+    # Counted from now to the end, handshake and refusal included ([proxy] max_connections_per_ip).
+    within = limiter.acquire(client_ip)
+    try:
+        await _serve_client(runtime, stream, taps, reactor, client_ip, peer, over_limit=not within)
+    finally:
+        limiter.release(client_ip)
+
+
+async def _serve_client(
+    runtime: Runtime,
+    stream: trio.SocketStream,
+    taps: SkimTaps,
+    reactor: Reactor | None,
+    client_ip: str,
+    peer: str,
+    *,
+    over_limit: bool,
+) -> None:
+    """:func:`handle_client` once the client is counted: both handshakes, then the session."""
+    clients = runtime.clients
     client_id = clients.new_id()
     started = trio.current_time()
     runtime.handshaking += 1
     try:
-        accepted = await _handshake(runtime, stream, client_id=client_id, client_ip=client_ip, peer=peer)
+        accepted = await _handshake(
+            runtime, stream, client_id=client_id, client_ip=client_ip, peer=peer, over_limit=over_limit
+        )
     finally:
         runtime.handshaking -= 1
     if accepted is None:
@@ -336,6 +370,7 @@ async def handle_client(
         close_timeout=config.close_timeout,
         pending=pending,
         reactor=reactor,
+        player_id=request.player_id,
     )
     clients.add(session)
     taps.attach(session)
@@ -372,7 +407,13 @@ async def handle_client(
 
 
 async def _handshake(
-    runtime: Runtime, stream: trio.SocketStream, *, client_id: str, client_ip: str, peer: str
+    runtime: Runtime,
+    stream: trio.SocketStream,
+    *,
+    client_id: str,
+    client_ip: str,
+    peer: str,
+    over_limit: bool = False,
 ) -> tuple[UpgradeRequest, BackendLink, bytes] | None:
     """Both handshakes within ``handshake_timeout``: the link and the client's early bytes, or None.
 
@@ -390,6 +431,12 @@ async def _handshake(
             request, pending = await receive_upgrade(stream)
             if not runtime.accepting:
                 raise HandshakeError(503, "Atlas is shutting down")
+            if over_limit:
+                raise HandshakeError(429, "too many connections from your address")
+            if runtime.origins is not None:
+                check_origin(request, runtime.origins)
+            if runtime.verifier is not None:
+                request = runtime.verifier.verify(request)  # 401 before any backend is contacted
             # Clients still handshaking count too, or a burst could overshoot the limit.
             if len(clients) + runtime.handshaking > config.max_connections:
                 raise HandshakeError(503, "too many connections")

@@ -179,9 +179,12 @@ class ClientSession:
         close_timeout: float,
         pending: bytes = b"",
         reactor: Reactor | None = None,
+        player_id: str | None = None,
     ) -> None:
         self.client_id = client_id
         self.peer = peer
+        #: The verified player id of the client's token (``[auth]``), None without token auth.
+        self.player_id = player_id
         self.connected_at = time.time()
         self.client_stream = client_stream
         self.link = link
