@@ -141,12 +141,13 @@ async def test_clients_lists_a_live_client(capsys: pytest.CaptureFixture[str]) -
             assert await ws.get_message() == "ping"
             assert await atlas("clients", "--url", ops.url) == 0
             header, row = capsys.readouterr().out.splitlines()
-            assert header.split()[:4] == ["ID", "PEER", "SERVER", "CONNECTED"]
+            assert header.split()[:5] == ["ID", "PLAYER", "PEER", "SERVER", "CONNECTED"]
             cells = row.split()
-            assert cells[1].startswith("127.0.0.1:")
-            assert cells[2] == "echo-1"
-            assert cells[3].endswith("Z")
-            assert cells[4:6] == ["1", "1"]  # one message each way
+            assert cells[1] == "-"  # no token auth: no verified player id
+            assert cells[2].startswith("127.0.0.1:")
+            assert cells[3] == "echo-1"
+            assert cells[4].endswith("Z")
+            assert cells[5:7] == ["1", "1"]  # one message each way
 
             assert await atlas("clients", "--url", ops.url, "--json") == 0
             (client,) = json.loads(capsys.readouterr().out)

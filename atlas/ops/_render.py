@@ -95,6 +95,7 @@ def render_clients(clients: list[dict[str, Any]]) -> str:
     rows = [
         (
             c["id"],
+            c.get("player") or "-",
             c["peer"],
             c["server"],
             c["connected_at"],
@@ -105,8 +106,8 @@ def render_clients(clients: list[dict[str, Any]]) -> str:
         )
         for c in clients
     ]
-    headers = ("ID", "PEER", "SERVER", "CONNECTED", "MSG UP", "MSG DOWN", "BYTES UP", "BYTES DOWN")
-    return table(headers, rows, right=frozenset({4, 5, 6, 7}))
+    headers = ("ID", "PLAYER", "PEER", "SERVER", "CONNECTED", "MSG UP", "MSG DOWN", "BYTES UP", "BYTES DOWN")
+    return table(headers, rows, right=frozenset({5, 6, 7, 8}))
 
 
 def render_drain(server: dict[str, Any]) -> str:
