@@ -29,6 +29,7 @@ from atlas.errors import ConfigError, StartupError
 from atlas.logs import configure_logging
 from atlas.ops._render import render_clients, render_drain, render_servers, render_status, render_transfer
 from atlas.ops.client import DEFAULT_ADMIN_URL, AdminClient, AdminError
+from atlas.runtime import Runtime
 from atlas.supervisor import run_until_signalled
 
 __all__ = ["main"]
@@ -175,10 +176,15 @@ def _init(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        Config.from_file(args.path)
+        config = Config.from_file(args.path)
+        # What start-up reads besides the file (the [auth] key file, say) is checked too.
+        Runtime.from_config(config)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
+        return 1
+    except StartupError as exc:
+        print(exc, file=sys.stderr)
         return 1
     print(f"ok: {args.path}")
     return 0

@@ -50,6 +50,15 @@ def test_check_reports_path_and_reason_without_traceback(tmp_path: Path) -> None
     assert "Traceback" not in result.stderr
 
 
+def test_check_reads_the_files_start_up_would(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.pem"
+    config = tmp_path / "auth.toml"
+    config.write_text(f'[auth]\nenabled = true\nalgorithms = ["RS256"]\npublic_key_file = "{missing}"\n')
+    result = run_cli("check", str(config))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"auth.public_key_file: cannot read {missing}: No such file or directory"
+
+
 def test_serve_with_a_bad_config_exits_1_with_the_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[balancer]\nalgorithm = 'fastest'\n")
