@@ -20,9 +20,11 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from atlas.config import Config, PredictorConfig, RegionConfig, WorldConfig
 from atlas.control import regions
 from atlas.control.regions import RegionService
 from atlas.errors import ConfigError
+from atlas.runtime import Runtime
 from atlas.skim import (
     EVENT_KINDS,
     OP_BINARY,
@@ -48,6 +50,7 @@ from atlas.skim import (
     parse_event,
     parse_movement,
 )
+from atlas.supervisor import analyzers_for
 from atlas.world import Box, CancelPrepare, Predictor, PredictorSettings, Prepare, Transfer, Vec3, WorldMap
 
 
@@ -780,6 +783,32 @@ async def test_movement_analyzer_emits_movements_from_client_text_frames() -> No
         Movement(client_id="c-9", backend="game-2", time=2.0, position=(1.0, 2.0, 3.0), velocity=None),
     ]
     assert (analyzer.frames, analyzer.recognised) == (5, 2)
+
+
+def test_movement_analyzer_parses_only_while_movements_are_wanted() -> None:
+    analyzer = MovementAnalyzer()
+    wanted = False
+    analyzer.wanted = lambda: wanted
+    emitted: list[SkimEvent] = []
+    move = frame('{"type":"move","x":1,"y":2}')
+    analyzer.feed(move, emitted.append)
+    assert (analyzer.frames, analyzer.recognised, emitted) == (1, 0, [])  # counted, not parsed
+    wanted = True
+    analyzer.feed(move, emitted.append)
+    assert (analyzer.frames, analyzer.recognised, len(emitted)) == (2, 1, 1)
+
+
+async def test_atlas_wants_movements_only_with_a_predictor_and_a_region() -> None:
+    def movement_wanted(config: Config) -> bool:
+        analyzers = analyzers_for(Runtime.from_config(config))
+        (analyzer,) = [a for a in analyzers if isinstance(a, MovementAnalyzer)]
+        assert analyzer.wanted is not None
+        return analyzer.wanted()
+
+    assert not movement_wanted(Config())  # the default: a predictor, but no region
+    one_region = WorldConfig(regions=(RegionConfig(id="r", owner="s", min=(0, 0, 0), max=(1, 1, 1)),))
+    assert movement_wanted(Config(world=one_region))
+    assert not movement_wanted(Config(world=one_region, predictor=PredictorConfig(enabled=False)))
 
 
 def test_movement_analyzer_options_are_checked() -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -399,6 +399,9 @@ class MovementAnalyzer:
         #: Frames read, and movement messages recognised among them.
         self.frames = 0
         self.recognised = 0
+        #: Set by the host: whether anything consumes movements now. While it says no, frames are
+        #: counted but not parsed (Atlas: the predictor, with at least one region on the map).
+        self.wanted: Callable[[], bool] | None = None
 
     async def run(self, frames: trio.MemoryReceiveChannel[SkimFrame], emit: EventSink) -> None:
         """Read ``frames`` until the channel ends; `feed` each one."""
@@ -410,6 +413,9 @@ class MovementAnalyzer:
         """Emit a `Movement` if ``frame`` is a movement message (the dispatcher calls it per frame)."""
         self.frames += 1
         if frame.opcode != OP_TEXT or frame.direction != "up":
+            return
+        wanted = self.wanted
+        if wanted is not None and not wanted():
             return
         found = parse_movement(frame.payload, self.paths)
         if found is None:
