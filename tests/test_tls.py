@@ -276,6 +276,23 @@ async def test_a_transfer_between_backends_keeps_a_tls_client_whole(pki: Pki) ->
         assert backends.protos == ["https", "https"]
 
 
+async def test_a_tls_client_fails_over_with_its_scheme(pki: Pki) -> None:
+    backends = Backends()
+    async with backends.serve(2) as ports, running_atlas(_config(pki, ports)) as atlas:
+        url = f"wss://127.0.0.1:{atlas.proxy.port}/"
+        with trio.fail_after(20):
+            async with open_ws(url, ssl_context=pki.client_context()) as ws:
+                await ws.send_message("one")
+                assert await ws.get_message() == "one"
+                (session,) = list(atlas.runtime.clients)
+                first = session.link.backend.name
+                session.fail_over()  # what the health monitor does when a backend dies
+                await until(lambda: session.link.backend.name != first and session.failovers == 1)
+                await ws.send_message("two")
+                assert await ws.get_message() == "two"
+        assert backends.protos == ["https", "https"]
+
+
 async def test_failed_tls_handshakes_leave_a_live_session_alone(
     pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
