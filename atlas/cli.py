@@ -156,7 +156,7 @@ def _print_demo_banner(config: Config) -> None:
     names = ", ".join(f"{s.name} ({s.url})" for s in config.servers)
     print(
         f"Atlas demo: proxy on {address} in front of {names}.\n"
-        f"Connect:  python -m atlas client ws://{host}:{address.port}\n"
+        f"Connect:  python -m atlas client {'wss' if config.proxy.tls else 'ws'}://{host}:{address.port}\n"
         f"game-server-1 echoes your lines; the others are chat rooms that greet you by name.\n"
         f"Type a line to send it. Everywhere: /server, /who, /nick NAME, and /me (your name and\n"
         f"messages sent); /move game-server-2 moves you to that server over the same connection,\n"

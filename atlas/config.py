@@ -62,6 +62,7 @@ __all__ = [
     "SkimConfig",
     "SkimDirection",
     "SpawnRule",
+    "TlsVersion",
     "TransferConfig",
     "WorldConfig",
     "WsUrl",
@@ -77,6 +78,9 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 
 LogFormat = Literal["text", "json"]
 """The log formats `LoggingConfig.format` accepts."""
+
+TlsVersion = Literal["1.2", "1.3"]
+"""The TLS versions `ProxyConfig.tls_min_version` accepts."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,6 +423,24 @@ class ProxyConfig:
         default=(), converter=_str_tuple, validator=_validate_origins
     )
     """Origins (``scheme://host[:port]``) an upgrade may come from; empty: any, or none. Else 403."""
+    tls_cert: str = ""
+    """PEM file with the certificate chain clients see (``wss://``), read at start-up; empty: plain ws://."""
+    tls_key: str = ""
+    """PEM file with the private key of ``tls_cert`` (unencrypted), read at start-up."""
+    tls_min_version: TlsVersion = attrs.field(default="1.2", validator=_one_of(TlsVersion))
+    """Oldest TLS version a client may negotiate, ``"1.2"`` or ``"1.3"``."""
+
+    def __attrs_post_init__(self) -> None:
+        # Both or neither (each key alone has passed its own check): reported at the missing key.
+        if self.tls_cert and not self.tls_key:
+            raise _ElementErrors("proxy", [(".tls_key", "required with tls_cert")])
+        if self.tls_key and not self.tls_cert:
+            raise _ElementErrors("proxy", [(".tls_cert", "required with tls_key")])
+
+    @property
+    def tls(self) -> bool:
+        """Whether clients connect with TLS (``wss://``)."""
+        return bool(self.tls_cert)
 
     @property
     def listen_address(self) -> ListenAddress:

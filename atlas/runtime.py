@@ -20,6 +20,7 @@ from atlas.pool import Backend, BackendPool, BackendState, make_balancer
 from atlas.proxy.admission import IpLimiter, origin_set
 from atlas.proxy.auth import TokenVerifier
 from atlas.proxy.clients import ClientRegistry
+from atlas.proxy.tls import server_ssl_context
 from atlas.skim import Dispatcher
 from atlas.world import Box, Cell, Grid, RegionConflict, Vec3, WorldMap
 
@@ -60,6 +61,8 @@ class Runtime:
     health: HealthMonitor = attrs.field(init=False)
     """Backend health: told of membership changes here, of passive signals by the data plane."""
     backend_ssl: ssl.SSLContext | None = None
+    client_ssl: ssl.SSLContext | None = None
+    """The server-side TLS context of ``[proxy] tls_cert``, built once; None: clients connect in plain."""
     accepting: bool = True
     """False once the drain has begun: new upgrades are refused with 503."""
     handshaking: int = 0
@@ -123,7 +126,12 @@ class Runtime:
             )
         verifier = TokenVerifier.from_config(config.auth) if config.auth.enabled else None
         return cls(
-            config=config, pool=pool, world=world_from_config(config.world), skim=skim, verifier=verifier
+            config=config,
+            pool=pool,
+            world=world_from_config(config.world),
+            skim=skim,
+            verifier=verifier,
+            client_ssl=server_ssl_context(config.proxy),
         )
 
     def cancel_removal(self, name: str) -> None:

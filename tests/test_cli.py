@@ -57,6 +57,11 @@ def test_check_reads_the_files_start_up_would(tmp_path: Path) -> None:
     result = run_cli("check", str(config))
     assert result.returncode == 1
     assert result.stderr.strip() == f"auth.public_key_file: cannot read {missing}: No such file or directory"
+    tls = tmp_path / "tls.toml"
+    tls.write_text(f'[proxy]\ntls_cert = "{missing}"\ntls_key = "{missing}"\n')
+    result = run_cli("check", str(tls))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"proxy.tls_cert: cannot read {missing}: No such file or directory"
 
 
 def test_serve_with_a_bad_config_exits_1_with_the_error(tmp_path: Path) -> None:
@@ -83,6 +88,26 @@ def test_serve_on_a_busy_port_prints_one_line_and_exits_1(tmp_path: Path) -> Non
         f"atlas: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_serve_with_a_missing_tls_file_prints_one_line_and_exits_1(tmp_path: Path) -> None:
+    config = tmp_path / "atlas.toml"
+    missing = tmp_path / "cert.pem"
+    config.write_text(
+        f'[proxy]\nlisten = "127.0.0.1:0"\ntls_cert = "{missing}"\ntls_key = "{missing}"\n'
+        '[admin]\nlisten = "127.0.0.1:0"\n'
+    )
+    result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"atlas: error: proxy.tls_cert: cannot read {missing}: No such file or directory"
+    ]
+    only_cert = tmp_path / "only-cert.toml"
+    only_cert.write_text('[proxy]\ntls_cert = "cert.pem"\n')
+    result = run_cli("serve", "--config", str(only_cert))
+    assert result.returncode == 1
+    expected = "atlas: config error: proxy.tls_key: required with tls_cert"
+    assert result.stderr.strip().splitlines() == [expected]
 
 
 async def test_serve_drains_and_exits_0_on_sigterm(tmp_path: Path) -> None:

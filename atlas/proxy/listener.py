@@ -7,14 +7,17 @@ cancel scope of their own, so accepting can stop while sessions carry on), one t
 and the idle sweeper, and the reactor that relays the plain-socket sessions (atlas.proxy.reactor). Each client
 task runs :func:`handle_client`:
 
-1. read the client's upgrade request (atlas.proxy.handshake), within ``handshake_timeout``;
+1. with ``[proxy] tls_cert``, the TLS handshake (``trio.SSLStream``, server side); then read the
+   client's upgrade request (atlas.proxy.handshake); both within ``handshake_timeout``;
 2. pick a backend with the pool's balancer and open Atlas's own WebSocket to it, trying up to
    ``connect_attempts`` distinct backends, each within ``connect_timeout``; nothing available answers
    503 with ``Retry-After``, all attempts failing answers 502;
 3. answer the client's upgrade with 101 and the backend's chosen subprotocol;
 4. run the :class:`~atlas.proxy.session.ClientSession` relay until either side closes.
 
-Every failure of one client is caught in its own task and logged; the accept loop never sees it.
+Every failure of one client (a failed TLS handshake included) is caught in its own task and logged; the
+accept loop never sees it. A TLS client's session keeps the task pumps: the reactor relays raw socket
+bytes, and a TLS socket carries records only the ``SSLStream`` can read (atlas.proxy.reactor).
 Shutdown (the ``shutdown`` event) stops accepting, asks every session to close with 1001, waits up to
 ``drain_timeout`` for them to finish, then cancels whatever is left.
 """
@@ -26,6 +29,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -65,6 +69,13 @@ class ProxyListening:
     """Reported by :func:`serve_proxy` once it accepts: the bound ``(host, port)`` addresses."""
 
     addresses: tuple[tuple[str, int], ...]
+    tls: bool = False
+    """Whether clients connect with TLS (``wss://``)."""
+
+    @property
+    def scheme(self) -> str:
+        """``wss`` with TLS, else ``ws``."""
+        return "wss" if self.tls else "ws"
 
     @property
     def port(self) -> int:
@@ -116,6 +127,7 @@ async def _connect_backend(
     client_ip: str,
     client_id: str,
     exclude: frozenset[str] = frozenset(),
+    client_secure: bool = False,
 ) -> tuple[Backend, BackendLink]:
     """Open a link to the best available backend, trying others within the attempt budget.
 
@@ -137,7 +149,9 @@ async def _connect_backend(
         tried.add(backend.name)
         pool.acquire(backend)
         try:
-            link = await _open_link(runtime, backend, request, client_ip, client_id)
+            link = await _open_link(
+                runtime, backend, request, client_ip, client_id, client_secure=client_secure
+            )
         except HandshakeError as exc:
             runtime.release(backend)
             last_error = f"{backend.name}: {exc.reason}"
@@ -169,6 +183,8 @@ class _Links:
     request: UpgradeRequest
     client_ip: str
     client_id: str
+    client_secure: bool = False
+    """The client came over TLS: backends are told ``X-Forwarded-Proto: https``."""
 
     async def open_link(self, exclude: frozenset[str]) -> BackendLink:
         async def connect() -> BackendLink:
@@ -178,6 +194,7 @@ class _Links:
                 client_ip=self.client_ip,
                 client_id=self.client_id,
                 exclude=exclude,
+                client_secure=self.client_secure,
             )
             return link
 
@@ -193,7 +210,13 @@ class _Links:
         self.runtime.pool.acquire(backend)
         try:
             link = await _open_link(
-                self.runtime, backend, self.request, self.client_ip, self.client_id, transfer=transfer
+                self.runtime,
+                backend,
+                self.request,
+                self.client_ip,
+                self.client_id,
+                transfer=transfer,
+                client_secure=self.client_secure,
             )
         except BaseException:
             self.runtime.release(backend)
@@ -254,14 +277,18 @@ async def _open_link(
     client_id: str,
     *,
     transfer: str | None = None,
+    client_secure: bool = False,
 ) -> BackendLink:
     """Open one backend link within ``connect_timeout``; raise :class:`HandshakeError` on failure.
 
-    A link opened for a transfer carries ``X-Atlas-Transfer``. Connect and handshake outcomes are the
-    passive health signals of the backend.
+    A link opened for a transfer carries ``X-Atlas-Transfer``; one for a TLS client says
+    ``X-Forwarded-Proto: https``. Connect and handshake outcomes are the passive health signals of the
+    backend.
     """
     try:
-        link = await _handshake_backend(runtime, backend, request, client_ip, client_id, transfer)
+        link = await _handshake_backend(
+            runtime, backend, request, client_ip, client_id, transfer, client_secure=client_secure
+        )
     except HandshakeError:
         runtime.health.connect_failed(backend)
         raise
@@ -276,6 +303,8 @@ async def _handshake_backend(
     client_ip: str,
     client_id: str,
     transfer: str | None,
+    *,
+    client_secure: bool,
 ) -> BackendLink:
     config = runtime.proxy
     data, key = backend_request(
@@ -283,7 +312,7 @@ async def _handshake_backend(
         host=backend.host,
         port=backend.port,
         secure=backend.secure,
-        client_part=client_request_part(request, client_ip, client_id),
+        client_part=client_request_part(request, client_ip, client_id, client_secure=client_secure),
         extra=[(b"x-atlas-transfer", transfer.encode("ascii"))] if transfer else (),
     )
     shake: BackendHandshake | None = None
@@ -356,14 +385,14 @@ async def _serve_client(
         runtime.handshaking -= 1
     if accepted is None:
         return
-    request, link, pending = accepted
+    request, link, pending, client = accepted
     config = runtime.proxy
     session = ClientSession(
         client_id=client_id,
         peer=peer,
-        client_stream=stream,
+        client_stream=client,
         link=link,
-        provider=_Links(runtime, request, client_ip, client_id),
+        provider=_Links(runtime, request, client_ip, client_id, client_secure=client is not stream),
         failover=runtime.config.failover,
         max_message_size=config.max_message_size,
         validate_utf8=config.validate_utf8,
@@ -414,21 +443,28 @@ async def _handshake(
     client_ip: str,
     peer: str,
     over_limit: bool = False,
-) -> tuple[UpgradeRequest, BackendLink, bytes] | None:
-    """Both handshakes within ``handshake_timeout``: the link and the client's early bytes, or None.
+) -> tuple[UpgradeRequest, BackendLink, bytes, trio.abc.Stream] | None:
+    """All handshakes within ``handshake_timeout``: the link, the client's early bytes and stream, or None.
 
-    Every refusal is answered (when there is someone to answer), logged and counted here; the client
-    stream is closed on every path that returns None.
+    With ``[proxy] tls_cert`` the client's stream is a server-side ``trio.SSLStream`` over ``stream``,
+    its TLS handshake the first of the handshakes. Every refusal is answered (when there is someone to
+    answer), logged and counted here; the client stream is closed on every path that returns None.
     """
     config = runtime.proxy
     clients = runtime.clients
     request: UpgradeRequest | None = None
     refusal: HandshakeError | None = None
+    client: trio.abc.Stream = stream
+    tls = runtime.client_ssl
+    awaited = "TLS handshake" if tls is not None else "upgrade request"
     try:
         # trio.fail_after without its generator-based context manager: past the deadline the scope
         # swallows the Cancelled and the TooSlowError below is raised.
         with trio.CancelScope(deadline=trio.current_time() + config.handshake_timeout):
-            request, pending = await receive_upgrade(stream)
+            if tls is not None:
+                client = await _tls_handshake(stream, tls, client_id=client_id, peer=peer)
+                awaited = "upgrade request"
+            request, pending = await receive_upgrade(client)
             if not runtime.accepting:
                 raise HandshakeError(503, "Atlas is shutting down")
             if over_limit:
@@ -440,14 +476,16 @@ async def _handshake(
             # Clients still handshaking count too, or a burst could overshoot the limit.
             if len(clients) + runtime.handshaking > config.max_connections:
                 raise HandshakeError(503, "too many connections")
-            backend, link = await _connect_backend(runtime, request, client_ip=client_ip, client_id=client_id)
+            backend, link = await _connect_backend(
+                runtime, request, client_ip=client_ip, client_id=client_id, client_secure=tls is not None
+            )
             try:
-                await send_all(stream, accept_response(request, subprotocol=link.subprotocol))
+                await send_all(client, accept_response(request, subprotocol=link.subprotocol))
             except BaseException:
                 runtime.release(backend)
                 await trio.aclose_forcefully(link.stream)
                 raise
-            return request, link, pending
+            return request, link, pending, client
         raise trio.TooSlowError
     except HandshakeError as exc:
         refusal = exc if exc.status else None
@@ -456,9 +494,10 @@ async def _handshake(
             refusal = HandshakeError(504, "handshake timed out")
         else:
             log.info(
-                "client %s from %s: no upgrade request within %.1f s",
+                "client %s from %s: no %s within %.1f s",
                 client_id,
                 peer,
+                awaited,
                 config.handshake_timeout,
                 extra={"client": client_id, "peer": peer, "event": "refused", "status": 408},
             )
@@ -475,10 +514,36 @@ async def _handshake(
             refusal.reason,
             extra={"client": client_id, "peer": peer, "event": "refused", "status": refusal.status},
         )
-        await _refuse(stream, refusal, config.retry_after)
-    if not close_now(stream):
-        await trio.aclose_forcefully(stream)
+        await _refuse(client, refusal, config.retry_after)
+    if not close_now(client):
+        await trio.aclose_forcefully(client)
     return None
+
+
+async def _tls_handshake(
+    stream: trio.SocketStream, context: ssl.SSLContext, *, client_id: str, peer: str
+) -> trio.SSLStream[trio.SocketStream]:
+    """The server side of a client's TLS handshake (the caller bounds it).
+
+    A failure (plain HTTP to the TLS port, a client that does not trust the certificate, ...) is logged
+    once at INFO and raised as :class:`HandshakeError` with status 0: nothing can be answered.
+    ``https_compatible``: clients commonly end TLS without ``close_notify``; that is an EOF, not an error.
+    """
+    client = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
+    try:
+        await client.do_handshake()
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        cause = exc.__cause__
+        reason = getattr(cause, "reason", None) or str(cause or exc) or type(exc).__name__
+        log.info(
+            "client %s from %s: TLS handshake failed: %s",
+            client_id,
+            peer,
+            reason,
+            extra={"client": client_id, "peer": peer, "event": "tls_failed"},
+        )
+        raise HandshakeError(0, "TLS handshake failed") from None
+    return client
 
 
 async def _sweep_idle(runtime: Runtime) -> None:
@@ -523,6 +588,7 @@ async def serve_proxy(
         reason = exc.strerror or str(exc)
         raise StartupError(f"cannot listen on {address}: {reason}") from None
     bound = tuple((str(lst.socket.getsockname()[0]), int(lst.socket.getsockname()[1])) for lst in listeners)
+    listening = ProxyListening(bound, tls=runtime.client_ssl is not None)
 
     taps = SkimTaps(runtime)
 
@@ -547,8 +613,9 @@ async def serve_proxy(
 
         listener_nursery.start_soon(accept_loops)
         listener_nursery.start_soon(_sweep_idle, runtime)
-        log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
-        task_status.started(ProxyListening(bound))
+        scheme = listening.scheme
+        log.info("listening on %s", ", ".join(f"{scheme}://{h}:{p}" for h, p in bound))
+        task_status.started(listening)
         await shutdown.wait()
         runtime.accepting = False
         accept_scope.cancel()

@@ -29,7 +29,11 @@ write left half-sent stay in the direction and mark it ``dirty``, exactly like a
 
 Only streams whose socket the reactor can reach are lent (:func:`socket_fd`): a ``trio.SocketStream``,
 or a :class:`PrependedStream` whose prepended bytes were consumed. Memory streams in tests and TLS keep
-the task pumps, which share :meth:`Direction.take` with the reactor.
+the task pumps, which share :meth:`Direction.take` with the reactor. A ``trio.SSLStream`` (a ``wss://``
+client, a ``wss://`` backend) is never lent: the bytes on its socket are TLS records that only its
+``SSLObject`` can turn into frames, so the reactor's ``os.read``/``os.write`` would bypass the encryption.
+The helpers below (:func:`send_all`, :func:`receive_some`) take their socket shortcut only for an exact
+``trio.SocketStream`` and use the stream's own methods for anything else.
 
 A session must call :meth:`Reactor.forget` on a socket (with its directions) before closing it, so a file
 descriptor number reused by the kernel never meets a stale registration.
@@ -260,13 +264,17 @@ async def receive_some(stream: trio.abc.Stream, max_bytes: int) -> bytes | bytea
 
 
 def close_now(stream: trio.abc.Stream) -> bool:
-    """Close a plain socket stream (or a :class:`PrependedStream` over one) at once; False for others.
+    """Close a plain socket stream (or a :class:`PrependedStream` or ``SSLStream`` over one) at once.
 
     What ``trio.aclose_forcefully`` does for such a stream, without its two scheduler round trips:
-    closing a socket needs no waiting (trio wakes whoever waits on it). Idempotent.
+    closing a socket needs no waiting (trio wakes whoever waits on it). A TLS stream's socket is closed
+    without a ``close_notify``, as ``aclose_forcefully`` would (it cancels the attempt to send one).
+    False for other streams. Idempotent.
     """
     if isinstance(stream, PrependedStream):
         stream = stream.inner
+    if type(stream) is not trio.SocketStream and isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
     if type(stream) is trio.SocketStream:
         stream.socket.close()
         return True
