@@ -165,6 +165,40 @@ class ClientSession:
     from any task to end the session with a close code (drain, idle timeout, admin).
     """
 
+    # Slots: an idle client is mostly this object, and its __dict__ (30-odd attributes) cost ~1.6 KB.
+    __slots__ = (
+        "_client_error",
+        "_client_fd",
+        "_closed_to_backend",
+        "_closed_to_client",
+        "_down",
+        "_down_before",
+        "_held_read",
+        "_lifted",
+        "_pending",
+        "_reactor",
+        "_relay_scope",
+        "_settled",
+        "_solo",
+        "_switching",
+        "_up",
+        "client_id",
+        "client_stream",
+        "close_timeout",
+        "connected_at",
+        "ending",
+        "failover",
+        "failovers",
+        "hold_limit",
+        "last_stall",
+        "link",
+        "on_link",
+        "peer",
+        "player_id",
+        "provider",
+        "up",
+    )
+
     def __init__(
         self,
         *,
