@@ -403,6 +403,11 @@ class ProxyConfig:
     """Most connections open at once from one client IP address (live and handshaking); 0: no limit."""
     max_message_size: int = attrs.field(default=1048576, validator=_at_least(125))
     """Largest message, and largest single frame, in bytes; a bigger one closes with 1009."""
+    message_rate: float = attrs.field(default=0.0, validator=_seconds(allow_zero=True))
+    """Messages per second one client may send on average (a token bucket); faster closes it with 1008
+    after the messages before; 0: no limit."""
+    message_burst: int = attrs.field(default=100, validator=_at_least(1))
+    """Messages a client may send at once above ``message_rate`` (the bucket's size)."""
     handshake_timeout: float = attrs.field(default=10.0, validator=_seconds(allow_zero=False))
     """Seconds for the client's HTTP upgrade plus the backend's WebSocket handshake."""
     idle_timeout: float = attrs.field(default=300.0, validator=_seconds(allow_zero=True))

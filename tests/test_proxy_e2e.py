@@ -406,3 +406,24 @@ async def test_a_control_endpoint_that_is_down_does_not_stop_atlas(caplog: pytes
             async with open_ws(_url(atlas)) as ws:
                 await ws.send_message("still here")
                 assert await ws.get_message() == "still here"
+
+
+async def test_a_client_over_its_message_rate_is_closed_with_1008_and_others_carry_on() -> None:
+    async with echo_backends(1) as ports:
+        config = _config(ports, message_rate=1.0, message_burst=5)
+        async with running_atlas(config) as atlas, open_ws(_url(atlas)) as calm:
+            async with open_ws(_url(atlas)) as eager:
+                for i in range(5):  # the burst: one message per read, each answered
+                    await eager.send_message(f"m{i}")
+                    assert await eager.get_message() == f"m{i}"
+                await eager.send_message("m5")  # over: 5 tokens spent, not one second later
+                answers: list[str] = []
+                with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        answers.append(str(await eager.get_message()))
+                assert _reason(closed.value).code == CloseCode.POLICY_VIOLATION
+                assert _reason(closed.value).reason == "message rate limit exceeded"
+                assert answers in ([], ["m5"])  # relayed before the close, like any earlier message
+            for i in range(3):
+                await calm.send_message(f"c{i}")
+                assert await calm.get_message() == f"c{i}"

@@ -21,8 +21,16 @@ import atlas.proxy.reactor as reactor_module
 import atlas.proxy.session as session_module
 from atlas.config import FailoverConfig
 from atlas.pool import Backend
-from atlas.proxy.frames import OP_BINARY, OP_TEXT, FrameScanner, ScanState, build_close, build_frame
-from atlas.proxy.reactor import Direction, Handback, PrependedStream, Reactor, socket_fd
+from atlas.proxy.frames import (
+    OP_BINARY,
+    OP_TEXT,
+    CloseCode,
+    FrameScanner,
+    ScanState,
+    build_close,
+    build_frame,
+)
+from atlas.proxy.reactor import Direction, Handback, PrependedStream, RateLimiter, Reactor, socket_fd
 from atlas.proxy.session import BackendLink, ClientSession, EndKind
 
 MAX_MESSAGE = 1 << 24
@@ -660,3 +668,32 @@ async def test_client_close_waits_for_a_failover_that_began_before_the_session_t
         assert waited.cancelled_caught  # nothing reached the lost backend
         for stream in (client_peer, client, link_stream, backend_peer):
             await stream.aclose()
+
+
+def test_rate_limiter_is_a_token_bucket() -> None:
+    now = [0.0]
+    limiter = RateLimiter(10.0, 3, clock=lambda: now[0])
+    assert [limiter.allow(1) for _ in range(4)] == [True, True, True, False]  # the burst, then over
+    now[0] = 0.1  # one message's worth back: still 0 left after paying the debt
+    assert limiter.allow(1) is False
+    now[0] = 1.0  # refilled, capped at the burst
+    assert limiter.allow(3) is True
+    assert limiter.allow(1) is False
+
+
+def test_a_direction_over_its_rate_fails_its_scanner_with_1008_after_the_chunk() -> None:
+    now = [0.0]
+    direction = Direction(FrameScanner(masked=True, max_message_size=1 << 16))
+    direction.limiter = RateLimiter(1.0, 2, clock=lambda: now[0])
+    two = build_frame(OP_TEXT, b"a", mask=True) + build_frame(OP_TEXT, b"b", mask=True)
+    assert direction.take(two) == two
+    assert not direction.scanner.state and not direction.attention
+    third = build_frame(OP_TEXT, b"c", mask=True)
+    assert direction.take(third) == third  # relayed, and then the client is over
+    assert direction.attention
+    assert direction.scanner.error is not None
+    assert (direction.scanner.error.code, direction.scanner.error.reason) == (
+        CloseCode.POLICY_VIOLATION,
+        "message rate limit exceeded",
+    )
+    assert direction.take(build_frame(OP_TEXT, b"d", mask=True)) == b""  # nothing more

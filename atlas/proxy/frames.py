@@ -383,6 +383,15 @@ class FrameScanner:
             pos += header + length
         return count
 
+    def fail(self, code: CloseCode, reason: str) -> None:
+        """End the stream as a protocol error would, for a policy kept outside the scanner (a rate limit).
+
+        What ``feed`` returned so far stands; later calls return nothing. Call at a frame boundary.
+        """
+        if not self.state:
+            self.state = ScanState.FAILED
+            self.error = FrameError(code, reason)
+
     def release(self) -> bytes | bytearray:
         """Lift the hold; return what was held and may be forwarded now (call before any new ``feed``)."""
         self.limit = NO_LIMIT

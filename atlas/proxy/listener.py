@@ -50,7 +50,7 @@ from atlas.proxy.handshake import (
     receive_upgrade,
     reject_response,
 )
-from atlas.proxy.reactor import PrependedStream, Reactor, close_now, send_all, serve_reactor
+from atlas.proxy.reactor import PrependedStream, RateLimiter, Reactor, close_now, send_all, serve_reactor
 from atlas.proxy.session import BackendLink, ClientSession, Ending
 from atlas.proxy.tap import SkimTaps
 from atlas.world import Vec3
@@ -400,6 +400,7 @@ async def _serve_client(
         pending=pending,
         reactor=reactor,
         player_id=request.player_id,
+        rate_limit=RateLimiter(config.message_rate, config.message_burst) if config.message_rate else None,
     )
     clients.add(session)
     taps.attach(session)

@@ -44,9 +44,13 @@ from __future__ import annotations
 import enum
 import os
 import select
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import trio
+
+from atlas.proxy.frames import CloseCode
 
 if TYPE_CHECKING:
     from atlas.proxy.frames import FrameScanner
@@ -55,6 +59,7 @@ __all__ = [
     "Direction",
     "Handback",
     "PrependedStream",
+    "RateLimiter",
     "Reactor",
     "ReactorStatistics",
     "close_now",
@@ -85,6 +90,30 @@ class Handback(enum.IntEnum):
     """The session (or the reactor's shutdown) took the direction back; ``out[sent:]`` is still to send."""
 
 
+class RateLimiter:
+    """A token bucket of messages: ``rate`` per second on average, ``burst`` at once.
+
+    ``clock`` (seconds, monotonic) is ``time.monotonic`` unless a test gives its own.
+    """
+
+    __slots__ = ("_clock", "_last", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last = clock()
+
+    def allow(self, count: int) -> bool:
+        """Take ``count`` messages from the bucket; False once the client went over its rate."""
+        now = self._clock()
+        tokens = min(self.burst, self._tokens + (now - self._last) * self.rate) - count
+        self._tokens = tokens
+        self._last = now
+        return tokens >= 0
+
+
 class Direction:
     """One direction of one session: its scanner, its byte count and what is in flight.
 
@@ -99,6 +128,7 @@ class Direction:
         "dst",
         "kind",
         "lender",
+        "limiter",
         "nbytes",
         "out",
         "partner",
@@ -120,6 +150,8 @@ class Direction:
         """How many messages the last chunk :meth:`take` returned completes."""
         self.delivered = 0
         """Messages whose last byte was written to a destination (a chunk counts once written whole)."""
+        self.limiter: RateLimiter | None = None
+        """A client's message rate limit (up direction only); past it the scanner fails with 1008."""
         self.attention = False
         """After :meth:`take`: the scanner stopped (Close, error) or reached its hold limit."""
         self.dirty = False
@@ -152,7 +184,10 @@ class Direction:
         whole = scanner.at_boundary
         before = scanner.messages
         out = scanner.feed(data)
-        self.taken = scanner.messages - before
+        taken = self.taken = scanner.messages - before
+        limiter = self.limiter
+        if limiter is not None and taken and not limiter.allow(taken):
+            scanner.fail(CloseCode.POLICY_VIOLATION, "message rate limit exceeded")
         self.whole = whole and scanner.at_boundary
         self.attention = bool(scanner.state) or scanner.messages >= scanner.limit
         return out

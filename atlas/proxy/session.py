@@ -64,7 +64,7 @@ import trio
 
 from atlas.errors import HandshakeError
 from atlas.proxy.frames import NO_LIMIT, OP_TEXT, CloseCode, FrameScanner, ScanState, build_close, build_frame
-from atlas.proxy.reactor import Direction, Handback, Reactor, close_now, send_all, socket_fd
+from atlas.proxy.reactor import Direction, Handback, RateLimiter, Reactor, close_now, send_all, socket_fd
 
 if TYPE_CHECKING:
     from atlas.config import FailoverConfig
@@ -214,6 +214,7 @@ class ClientSession:
         pending: bytes = b"",
         reactor: Reactor | None = None,
         player_id: str | None = None,
+        rate_limit: RateLimiter | None = None,
     ) -> None:
         self.client_id = client_id
         self.peer = peer
@@ -243,6 +244,7 @@ class ClientSession:
         self.up = FrameScanner(masked=True, max_message_size=max_message_size, validate_utf8=validate_utf8)
         # The two directions: what the pumps (or the reactor, when they lend a direction to it) relay.
         self._up = Direction(self.up)
+        self._up.limiter = rate_limit  # past it the client is closed with 1008, like a protocol error
         self._down = Direction(link.scanner)
         self._reactor = reactor
         self._client_fd = socket_fd(client_stream) if reactor is not None else None
