@@ -7,13 +7,18 @@ routing of a client to a registered server, startup refusals and shutdown run ov
 
 from __future__ import annotations
 
+import importlib.resources
 import json
+import re
+import shutil
 import socket
+import subprocess
 import time
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -1012,3 +1017,36 @@ def test_frozen_records() -> None:
     registration = _registration()
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         registration.capacity = 5  # type: ignore[misc]
+
+
+def test_dashboard_is_a_static_page_over_the_admin_api() -> None:
+    runtime = make_runtime(token=TOKEN)
+    app = create_app(runtime)
+    with TestClient(app, backend="trio") as client:
+        response = client.get("/dashboard")  # open: the page holds no data, its API calls need the token
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        page = response.text
+        assert client.get("/api/v1/status").status_code == 401  # what the page reads stays guarded
+    # Every API path the page calls exists in the app, with the method it uses.
+    calls = set(re.findall(r'call\("(/[a-z/]+)"', page)) | set(re.findall(r"act\(`(/[a-z]+)/", page))
+    assert calls == {"/status", "/servers", "/transfers", "/clients"}
+    paths = {getattr(route, "path", "") for route in app.routes}
+    for path in ("/status", "/servers", "/transfers", "/clients"):
+        assert f"/api/v1{path}" in paths
+    assert {"/api/v1/servers/{name}/drain", "/api/v1/clients/{client_id}/transfer"} <= paths
+    # Nothing from the API is written as markup.
+    assert "innerHTML" not in page
+
+
+def test_dashboard_script_is_valid_javascript(tmp_path: Path) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    page = importlib.resources.files("atlas.ops").joinpath("dashboard.html").read_text()
+    script = page.split("<script>", 1)[1].split("</script>", 1)[0]
+    (tmp_path / "dashboard.js").write_text(script)
+    command = [node, "--check", str(tmp_path / "dashboard.js")]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -5,7 +5,9 @@ hypercorn. Every endpoint and its JSON is documented in ``docs/admin-api.md``.
 
 Access rules:
 
-* ``GET /health`` is always open (load balancers and orchestrators probe it);
+* ``GET /health`` is always open (load balancers and orchestrators probe it), and so is
+  ``GET /dashboard``, a static page that reads the admin API from the browser (with the token, if one is
+  set: the page asks for it);
 * every other endpoint needs ``Authorization: Bearer <[admin] token>`` when a token is set;
 * the Horizon endpoints (register, heartbeat, and ``DELETE`` of a *registered* server) are open when
   ``[admin] allow_registration`` is on, because Horizon sends no token, and answer 404 when it is off.
@@ -16,8 +18,10 @@ Every error, including unknown paths, wrong methods and crashes, is JSON:
 
 from __future__ import annotations
 
+import functools
 import hmac
 import http
+import importlib.resources
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from atlas.control.coordinator import TransferRefused
@@ -83,6 +87,7 @@ def create_app(runtime: Runtime, *, registry: HorizonRegistry | None = None) -> 
     api = _Api(runtime, registry if registry is not None else HorizonRegistry())
     routes = [
         Route("/health", api.health, methods=["GET"]),
+        Route("/dashboard", _dashboard, methods=["GET"]),
         Route("/metrics", api.admin(api.metrics), methods=["GET"]),
         Route("/api/v1/status", api.admin(api.status), methods=["GET"]),
         Route("/api/v1/servers", api.admin(api.list_servers), methods=["GET"]),
@@ -109,6 +114,23 @@ def create_app(runtime: Runtime, *, registry: HorizonRegistry | None = None) -> 
     )
     app.state.registry = api.membership.registry
     return app
+
+
+@functools.cache
+def _dashboard_page() -> str:
+    return importlib.resources.files("atlas.ops").joinpath("dashboard.html").read_text(encoding="utf-8")
+
+
+async def _dashboard(_request: Request) -> Response:
+    """The live dashboard: one static page; its data comes from the admin API, read by the browser."""
+    return HTMLResponse(
+        _dashboard_page(),
+        headers={
+            "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+            "style-src 'unsafe-inline'; frame-ancestors 'none'",
+            "Cache-Control": "no-store",
+        },
+    )
 
 
 def _error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
