@@ -216,6 +216,15 @@ class FakeServer:
             self.dropped = True
             self.channel._drop()
             self.channels._unset(self.channel)
+            # As the SDK does when its control channel closes: every transfer through it rolls back.
+            for step in self.control_log:
+                transfer = getattr(step, "transfer", None)
+                if transfer is not None:
+                    self.aborted.add(transfer)
+            for source_link in self.links:
+                if source_link.stopped_for is not None:
+                    source_link.stopped_for = None
+                    source_link.sending = True
             return
         if behaviour == "slow":
             await trio.sleep(SLOW)
