@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketRequest
 
 from atlas.config import AdminConfig, Config, ProxyConfig, ServerConfig, TlsVersion
 from atlas.control.lifecycle import TransferReason
@@ -22,7 +22,7 @@ from atlas.errors import ConfigError, StartupError
 from atlas.proxy import reactor
 from atlas.proxy.tls import server_ssl_context
 from atlas.supervisor import AtlasStarted, serve_atlas
-from tests.wsclient import open_ws, until
+from tests.wsclient import open_ws, until, websocket_servers
 
 
 @attrs.frozen
@@ -89,13 +89,8 @@ class Backends:
 
     @asynccontextmanager
     async def serve(self, count: int) -> AsyncIterator[list[int]]:
-        async with trio.open_nursery() as nursery:
-            ports = []
-            for _ in range(count):
-                server = await nursery.start(serve_websocket, self.handler, "127.0.0.1", 0, None)
-                ports.append(server.port)
+        async with websocket_servers(self.handler, count) as ports:
             yield ports
-            nursery.cancel_scope.cancel()
 
 
 async def failing_tls_handshake(port: int, context: ssl.SSLContext) -> None:

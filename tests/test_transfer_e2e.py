@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from atlas.config import AdminConfig, Config, ProxyConfig, ServerConfig, TransferConfig
 from atlas.control.coordinator import TransferOutcome, TransferRefused
 from atlas.control.lifecycle import TransferReason
 from atlas.supervisor import AtlasStarted, serve_atlas
-from tests.wsclient import open_ws, stream_numbered
+from tests.wsclient import open_ws, stream_numbered, websocket_servers
 
 
 class Recorder:
@@ -56,13 +56,8 @@ class Recorder:
 
     @asynccontextmanager
     async def servers(self, count: int) -> AsyncIterator[list[int]]:
-        async with trio.open_nursery() as nursery:
-            ports = []
-            for _ in range(count):
-                server = await nursery.start(serve_websocket, self.handler, "127.0.0.1", 0, None)
-                ports.append(server.port)
+        async with websocket_servers(self.handler, count) as ports:
             yield ports
-            nursery.cancel_scope.cancel()
 
 
 async def test_blind_transfers_under_streaming_lose_duplicate_and_reorder_nothing() -> None:

@@ -8,9 +8,29 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    open_websocket_url,
+    serve_websocket,
+)
 
-__all__ = ["open_ws", "stream_numbered", "until"]
+__all__ = ["open_ws", "stream_numbered", "until", "websocket_servers"]
+
+
+@asynccontextmanager
+async def websocket_servers(
+    handler: Callable[[WebSocketRequest], Any], count: int
+) -> AsyncIterator[list[int]]:
+    """``count`` trio-websocket servers on 127.0.0.1 (free ports), each serving ``handler``; their ports."""
+    async with trio.open_nursery() as nursery:
+        ports = []
+        for _ in range(count):
+            server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+            ports.append(server.port)
+        yield ports
+        nursery.cancel_scope.cancel()
 
 
 async def until(condition: Callable[[], bool], *, seconds: float = 10.0) -> None:
